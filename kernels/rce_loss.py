@@ -1,0 +1,160 @@
+"""Fused Triton kernels for the reverse cross-entropy (RCE) loss.
+
+Per row i of the logits Z (N x L), with u = Z_i / T and label y:
+
+    loss_i = logsumexp(u) - mean_{j != y} u_j
+    dloss_i / dZ_ij = (softmax(u)_j - R_y[j]) / T,   R_y = 1/(L-1) off y, 0 at y.
+
+The forward keeps one fp32 log-sum-exp per row; the backward recomputes the
+softmax from it, so nothing N x L is saved between the two. Raw tensors in, raw
+tensors out: argument checking lives in ``rce_fast``.
+
+Tiling: every program owns ``ROWS`` rows and walks the classes in chunks of
+``BLOCK_L`` with a running max and sum (online log-sum-exp), so one kernel serves
+L = 2 (thousands of rows per program) and L = 262,144 (one row, 64 chunks).
+Row offsets are computed in int64, so N * L may exceed 2^31.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program tile; ROWS * BLOCK_L == _TILE for every config.
+_TILE = 4096
+_MAX_BLOCK_L = 4096
+_NUM_WARPS = 8
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _rce_fwd_kernel(Z, Y, LOSS, LSE, N, L, stride_row, ignore_index, inv_t, inv_lm1,
+                    ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    y = tl.load(Y + rows, mask=row_ok, other=0)
+    base = Z + rows[:, None] * stride_row
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)   # running max
+    s = tl.zeros([ROWS], tl.float32)                 # running sum of exp(u - m)
+    tot = tl.zeros([ROWS], tl.float32)               # sum of u over all classes
+    u_y = tl.zeros([ROWS], tl.float32)               # u at the label
+    for start in range(0, L, BLOCK_L):
+        cols = start + tl.arange(0, BLOCK_L)
+        mask = row_ok[:, None] & (cols < L)[None, :]
+        u = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(u, axis=1))
+        # A row that is -inf so far would give exp(-inf - -inf) = nan: shift by 0 instead.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(u - shift[:, None]), axis=1)
+        m = m_new
+        u0 = tl.where(mask, u, 0.0)
+        tot += tl.sum(u0, axis=1)
+        u_y += tl.sum(tl.where(cols[None, :] == y[:, None], u0, 0.0), axis=1)
+
+    lse = m + tl.log(tl.where(row_ok, s, 1.0))  # padding rows have s = 0
+    loss = lse - (tot - u_y) * inv_lm1
+    keep = y != ignore_index
+    tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+    tl.store(LSE + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _rce_bwd_kernel(Z, Y, LSE, G, DZ, N, L, stride_row, stride_grad, ignore_index, inv_t,
+                    inv_lm1, ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = pid_c * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < L)[None, :]
+    y = tl.load(Y + rows, mask=row_ok, other=0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    keep = y != ignore_index
+    # Upstream gradient per row, already including the 1/T of the chain rule.
+    g = tl.where(keep, tl.load(G + rows, mask=row_ok, other=0.0), 0.0) * inv_t
+    u = tl.load(Z + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+    p = tl.exp(u.to(tl.float32) * inv_t - lse[:, None])
+    r = tl.where(cols[None, :] == y[:, None], 0.0, inv_lm1)
+    dz = tl.where(keep[:, None], (p - r) * g[:, None], 0.0)
+    tl.store(DZ + rows[:, None] * stride_grad + cols[None, :], dz.to(DZ.dtype.element_ty),
+             mask=mask)
+
+
+def block_config(num_classes: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_L, num_warps) the launchers use for ``num_classes`` classes."""
+    block_l = min(triton.next_power_of_2(max(int(num_classes), 2)), _MAX_BLOCK_L)
+    return _TILE // block_l, block_l, _NUM_WARPS
+
+
+def all_block_configs() -> list[tuple[int, int, int]]:
+    """Every configuration :func:`block_config` can return (for ahead-of-time compile tests)."""
+    return sorted({block_config(1 << k) for k in range(1, 20)})
+
+
+def _rows_view(logits: torch.Tensor) -> torch.Tensor:
+    # The kernels take an arbitrary row stride but unit column stride.
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row RCE loss and log-sum-exp, both float32 of shape (N,).
+
+    ``logits`` (N, L) float32/float16/bfloat16 with N >= 1; ``target`` (N,) int64.
+    """
+    z = _rows_view(logits)
+    target = target.contiguous()
+    n, num_classes = z.shape
+    loss = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    rows, block_l, warps = block_config(num_classes)
+    _rce_fwd_kernel[(triton.cdiv(n, rows),)](
+        z, target, loss, lse, n, num_classes, z.stride(0), ignore_index,
+        inv_temperature, 1.0 / (num_classes - 1), ROWS=rows, BLOCK_L=block_l, num_warps=warps)
+    return loss, lse
+
+
+def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                 lse: torch.Tensor, ignore_index: int, inv_temperature: float) -> torch.Tensor:
+    """Gradient w.r.t. the logits, a new contiguous (N, L) tensor in the logits' dtype.
+
+    ``grad_rows`` (N,) float32 is the upstream gradient of each row's loss.
+    """
+    z = _rows_view(logits)
+    target = target.contiguous()
+    n, num_classes = z.shape
+    grad = torch.empty((n, num_classes), dtype=z.dtype, device=z.device)
+    rows, block_l, warps = block_config(num_classes)
+    grid = (triton.cdiv(n, rows), triton.cdiv(num_classes, block_l))
+    _rce_bwd_kernel[grid](
+        z, target, lse, grad_rows, grad, n, num_classes, z.stride(0), grad.stride(0),
+        ignore_index, inv_temperature, 1.0 / (num_classes - 1),
+        ROWS=rows, BLOCK_L=block_l, num_warps=warps)
+    return grad
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list[dict]:
+    """Every (kernel, signature, constants, warps) the launchers above can launch."""
+    specs = []
+    for dtype in SUPPORTED_DTYPES:
+        zt = "*" + _TRITON_DTYPE[dtype]
+        for rows, block_l, warps in all_block_configs():
+            const = {"ROWS": rows, "BLOCK_L": block_l}
+            specs.append(dict(
+                kernel=_rce_fwd_kernel, num_warps=warps, constexprs=const,
+                signature={"Z": zt, "Y": "*i64", "LOSS": "*fp32", "LSE": "*fp32", "N": "i32",
+                           "L": "i32", "stride_row": "i64", "ignore_index": "i32",
+                           "inv_t": "fp32", "inv_lm1": "fp32",
+                           "ROWS": "constexpr", "BLOCK_L": "constexpr"}))
+            specs.append(dict(
+                kernel=_rce_bwd_kernel, num_warps=warps, constexprs=const,
+                signature={"Z": zt, "Y": "*i64", "LSE": "*fp32", "G": "*fp32", "DZ": zt,
+                           "N": "i32", "L": "i32", "stride_row": "i64", "stride_grad": "i64",
+                           "ignore_index": "i32", "inv_t": "fp32", "inv_lm1": "fp32",
+                           "ROWS": "constexpr", "BLOCK_L": "constexpr"}))
+    return specs

@@ -1,0 +1,120 @@
+"""Custom-op registration and device dispatch for every rce_fast op (the one place).
+
+The ops here take already-checked arguments (the public functions in ``rce_fast``
+check them once, with clear messages) except for checks that need tensor *values*
+(label ranges), which run here, inside the op, so that they also run under
+``torch.compile`` and before any kernel is launched.
+
+Ops:
+  ``rce_fast::rce_loss_forward(logits, target, ignore_index, inv_temperature)
+        -> (loss_rows, lse)``   per-row loss and log-sum-exp, float32 (float64 for
+        float64 logits), autograd-enabled w.r.t. ``logits``.
+  ``rce_fast::rce_loss_backward(grad_rows, logits, target, lse, ignore_index,
+        inv_temperature) -> grad_logits``   in the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _torch_impl
+
+# ----------------------------------------------------------------------------- RCE loss
+
+
+def _rce_triton_why_not(logits: Tensor, **_) -> str | None:
+    why = _backend.triton_device_reason(logits.device)
+    if why is not None:
+        return why
+    from rce_fast.kernels import rce_loss as k
+    if logits.dtype not in k.SUPPORTED_DTYPES:
+        return f"dtype {logits.dtype} is not one of {k.SUPPORTED_DTYPES}"
+    return None
+
+
+def _rce_triton_forward(*args):
+    from rce_fast.kernels import rce_loss as k
+    return k.rce_forward(*args)
+
+
+def _rce_triton_backward(*args):
+    from rce_fast.kernels import rce_loss as k
+    return k.rce_backward(*args)
+
+
+_RCE_FORWARD = [
+    _backend.Impl("triton", _rce_triton_why_not, _rce_triton_forward),
+    _backend.Impl("torch", lambda **_: None, _torch_impl.rce_forward),
+]
+_RCE_BACKWARD = [
+    _backend.Impl("triton", _rce_triton_why_not, _rce_triton_backward),
+    _backend.Impl("torch", lambda **_: None, _torch_impl.rce_backward),
+]
+
+
+def check_class_indices(target: Tensor, num_classes: int, ignore_index: int,
+                        name: str = "target") -> None:
+    """ValueError unless every entry is in [0, num_classes) or equals ``ignore_index``."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):  # one host sync; cheaper than a device-side assert that kills the context
+        first = target[bad][0].item()
+        raise ValueError(
+            f"{name} holds class index {first}, outside [0, {num_classes}) for logits with "
+            f"{num_classes} classes (ignore_index={ignore_index} is also allowed)")
+
+
+@torch.library.custom_op("rce_fast::rce_loss_forward", mutates_args=())
+def rce_loss_forward(logits: Tensor, target: Tensor, ignore_index: int,
+                     inv_temperature: float) -> tuple[Tensor, Tensor]:
+    n, num_classes = logits.shape
+    check_class_indices(target, num_classes, ignore_index)
+    if n == 0:
+        acc = _torch_impl.acc_dtype(logits.dtype)
+        return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=acc)
+    impl = _backend.pick("rce_loss", _RCE_FORWARD, logits=logits)
+    return impl.run(logits, target, ignore_index, inv_temperature)
+
+
+@rce_loss_forward.register_fake
+def _(logits, target, ignore_index, inv_temperature):
+    acc = _torch_impl.acc_dtype(logits.dtype)
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
+
+
+@torch.library.custom_op("rce_fast::rce_loss_backward", mutates_args=())
+def rce_loss_backward(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
+                      ignore_index: int, inv_temperature: float) -> Tensor:
+    if logits.shape[0] == 0:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    impl = _backend.pick("rce_loss backward", _RCE_BACKWARD, logits=logits)
+    return impl.run(grad_rows.to(lse.dtype).contiguous(), logits, target, lse, ignore_index,
+                    inv_temperature)
+
+
+@rce_loss_backward.register_fake
+def _(grad_rows, logits, target, lse, ignore_index, inv_temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _rce_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, inv_temperature = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, target, lse)
+    ctx.ignore_index = ignore_index
+    ctx.inv_temperature = inv_temperature
+
+
+def _rce_backward(ctx, grad_rows, _grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.rce_fast.rce_loss_backward(
+            grad_rows, logits, target, lse, ctx.ignore_index, ctx.inv_temperature)
+    return grad, None, None, None
+
+
+rce_loss_forward.register_autograd(_rce_backward, setup_context=_rce_setup_context)

@@ -1,0 +1,49 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be set before Triton (or any kernel) is first imported, so that
+the Triton kernels run on CPU tensors in these tests; a GPU run can opt out with
+RCE_FAST_TEST_NO_INTERPRET=1 to exercise the real kernels.
+"""
+import os
+
+if os.environ.get("RCE_FAST_TEST_NO_INTERPRET", "0") == "0":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rce_fast  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def _devices_and_backends():
+    """(device, backend) pairs every kernel test runs on."""
+    pairs = [pytest.param(("cpu", "torch"), id="cpu-torch"),
+             pytest.param(("cpu", "triton"), id="cpu-triton_interp")]
+    pairs.append(pytest.param(("cuda", "auto"), id="cuda", marks=pytest.mark.gpu))
+    return pairs
+
+
+DEVICE_BACKENDS = _devices_and_backends()
+
+
+@pytest.fixture
+def on_backend(request):
+    """Parametrised (device, backend); sets the backend for the test and restores it."""
+    device, backend = request.param
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "0":
+        pytest.skip("Triton interpreter is off in this run")
+    with rce_fast.use_backend(backend):
+        yield device, backend

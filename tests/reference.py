@@ -1,0 +1,38 @@
+"""Plain PyTorch references of the maths, shared by the tests and the benchmarks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reverse_labels(target: torch.Tensor, num_classes: int, dtype=torch.float64) -> torch.Tensor:
+    """R_y: 0 at the label, 1/(L-1) elsewhere; (N, L)."""
+    r = torch.full((target.shape[0], num_classes), 1.0 / (num_classes - 1), dtype=dtype,
+                   device=target.device)
+    return r.scatter_(1, target.clamp(min=0).unsqueeze(1), 0.0)
+
+
+def rce_loss_reference(logits, target, reduction="mean", ignore_index=-100, temperature=1.0,
+                       dtype=torch.float64):
+    """RCE as the paper writes it: cross_entropy(Z / T, R_y), rows with ignore_index dropped.
+
+    Computed in ``dtype`` (float64 = ground truth; the input dtype = the reference's own
+    low-precision error). Returns the loss in ``dtype``. Logits (N, L), target (N,).
+    """
+    z = logits.to(dtype) / temperature
+    keep = target != ignore_index
+    r = reverse_labels(torch.where(keep, target, 0), z.shape[1], dtype=dtype)
+    rows = F.cross_entropy(z, r, reduction="none") * keep
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep.sum()
+
+
+def rce_loss_closed_form(logits, target, temperature=1.0):
+    """logsumexp(u) - mean_{j != y} u_j in float64, per row."""
+    u = logits.double() / temperature
+    num_classes = u.shape[1]
+    return torch.logsumexp(u, 1) - (u.sum(1) - u.gather(1, target[:, None]).squeeze(1)) / (
+        num_classes - 1)

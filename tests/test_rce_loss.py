@@ -1,0 +1,351 @@
+"""rce_loss / RCELoss against a float64 reference, on every device and backend.
+
+Tolerances follow the flash-attention rule: the float64 reference is ground truth, and
+an output in dtype D passes when its error is at most twice the error of the same
+reference computed in D (plus a floor of a few ulps of D), so bounds come from
+measurement, not from loosening until green.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rce_fast
+from rce_fast import ops
+from tests.conftest import DEVICE_BACKENDS
+from tests.reference import rce_loss_closed_form, rce_loss_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7,
+       torch.float64: 2.0 ** -52}
+
+
+def _inputs(n, num_classes, dtype, device, seed=0, scale=3.0, ignore_frac=0.0):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, num_classes, generator=g) * scale).to(dtype).to(device)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    if ignore_frac:
+        y[torch.rand(n, generator=g) < ignore_frac] = -100
+    return z, y.to(device)
+
+
+def _assert_within_ref_error(out, ref64, ref_low, dtype, what):
+    """|out - ref64| <= 2 * max|ref_low - ref64| + floor, elementwise."""
+    out, ref64, ref_low = out.double().cpu(), ref64.double().cpu(), ref_low.double().cpu()
+    assert torch.isfinite(ref64).all()
+    ref_err = (ref_low - ref64).abs().max().item() if ref64.numel() else 0.0
+    floor = 4 * EPS[dtype] * (1.0 + ref64.abs())
+    err = (out - ref64).abs()
+    bound = 2 * ref_err + floor
+    worst = (err - bound).max().item() if err.numel() else -1
+    assert worst <= 0, (f"{what}: max error {err.max().item():.3g} exceeds bound (2 x reference "
+                        f"error {ref_err:.3g} + floor); worst excess {worst:.3g}")
+
+
+def _loss_and_grad(fn, z, y, **kw):
+    zz = z.detach().clone().requires_grad_(True)
+    loss = fn(zz, y, **kw)
+    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype,
+                              device=loss.device).reshape(loss.shape)
+    (g,) = torch.autograd.grad(loss, zz, grad_out)
+    return loss.detach(), g
+
+
+def _check_against_reference(z, y, dtype, **kw):
+    loss, grad = _loss_and_grad(rce_fast.rce_loss, z, y, **kw)
+    z_cpu, y_cpu = z.cpu(), y.cpu()
+    ref_loss, ref_grad = _loss_and_grad(rce_loss_reference, z_cpu, y_cpu, **kw)
+    low_loss, low_grad = _loss_and_grad(rce_loss_reference, z_cpu, y_cpu, dtype=dtype, **kw)
+    assert loss.dtype == dtype and grad.dtype == dtype and loss.device == z.device
+    assert grad.shape == z.shape
+    _assert_within_ref_error(loss, ref_loss, low_loss, dtype, "loss")
+    _assert_within_ref_error(grad, ref_grad, low_grad, dtype, "grad")
+
+
+SHAPES = [(1, 2), (1, 3), (5, 2), (37, 3), (300, 10), (129, 1000), (3, 4096), (2, 4097),
+          (2, 50_001)]
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_float64_reference(on_backend, dtype, shape):
+    device, _ = on_backend
+    z, y = _inputs(*shape, dtype, device, seed=shape[0] * 7 + shape[1])
+    _check_against_reference(z, y, dtype, reduction="none")
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 4.0])
+def test_reductions_ignore_index_temperature(on_backend, reduction, temperature):
+    device, _ = on_backend
+    z, y = _inputs(64, 17, torch.float32, device, seed=3, ignore_frac=0.3)
+    _check_against_reference(z, y, torch.float32, reduction=reduction, temperature=temperature)
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_custom_ignore_index_and_closed_form(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(40, 6, torch.float32, device, seed=4)
+    y[::5] = 3  # ignore class 3 entirely: an index inside [0, L) is allowed as ignore_index
+    out = rce_fast.rce_loss(z, y, reduction="none", ignore_index=3)
+    keep = (y != 3).cpu()
+    closed = rce_loss_closed_form(z.cpu(), y.cpu()) * keep
+    torch.testing.assert_close(out.cpu().double(), closed, rtol=1e-5, atol=1e-5)
+    assert (out.cpu()[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_huge_class_count(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(1, 262_147, torch.float32, device, seed=5)
+    _check_against_reference(z, y, torch.float32, reduction="sum")
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_logits_do_not_overflow(on_backend, dtype):
+    """log(softmax) written naively gives -inf here; the log-sum-exp form must not."""
+    device, _ = on_backend
+    z, y = _inputs(16, 10, torch.float32, device, seed=6, scale=1.0)
+    z = (z * 60.0).to(dtype)  # exp(120) overflows fp16/fp32 alike
+    _check_against_reference(z, y, dtype, reduction="none")
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_non_contiguous_inputs(on_backend):
+    device, _ = on_backend
+    base, y = _inputs(50, 23, torch.float32, device, seed=7)
+    y_wide = torch.stack([y, y], 1)
+    cases = {
+        "transposed": base.t().contiguous().t(),          # column stride != 1
+        "row-strided": torch.cat([base, base], 1)[:, :23],   # row stride 46
+        "column slice": torch.cat([base, base], 1)[:, 5:28],
+    }
+    for name, z in cases.items():
+        before = z.clone()
+        out = rce_fast.rce_loss(z, y_wide[:, 1], reduction="none")  # target non-contiguous
+        ref = rce_loss_reference(z.cpu(), y.cpu(), reduction="none")
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(z, before), f"{name}: logits modified in place"
+        _check_against_reference(z, y_wide[:, 1], torch.float32, reduction="mean")
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_input_not_modified_by_backward(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(33, 12, torch.float16, device, seed=8)
+    zz = z.clone().requires_grad_(True)
+    rce_fast.rce_loss(zz, y).backward()
+    assert torch.equal(zz.detach(), z) and zz.grad is not None
+    assert zz.grad.data_ptr() != zz.data_ptr()
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_unbatched_and_spatial_shapes(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(6, 5, torch.float32, device, seed=9)
+    one = rce_fast.rce_loss(z[2], y[2])
+    torch.testing.assert_close(one, rce_fast.rce_loss(z[2:3], y[2:3]))
+    # (N, L, d1, d2) like cross_entropy: class dim 1
+    z4 = torch.randn(2, 5, 3, 4, device=device)
+    y4 = torch.randint(0, 5, (2, 3, 4), device=device)
+    out = rce_fast.rce_loss(z4, y4, reduction="none")
+    assert out.shape == (2, 3, 4)
+    flat = rce_loss_reference(z4.movedim(1, -1).reshape(-1, 5).cpu(), y4.reshape(-1).cpu(),
+                              reduction="none")
+    torch.testing.assert_close(out.cpu().double().reshape(-1), flat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_empty_batch_like_cross_entropy(on_backend):
+    device, _ = on_backend
+    z = torch.randn(0, 7, device=device, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    for reduction in ("mean", "sum", "none"):
+        ours = rce_fast.rce_loss(z, y, reduction=reduction)
+        theirs = F.cross_entropy(z, y, reduction=reduction)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    rce_fast.rce_loss(z, y, reduction="sum").backward()
+    assert z.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_all_rows_ignored_gives_nan_mean_zero_grad(on_backend):
+    device, _ = on_backend
+    z = torch.randn(4, 3, device=device, requires_grad=True)
+    y = torch.full((4,), -100, device=device)
+    assert torch.isnan(rce_fast.rce_loss(z, y)).item()
+    assert torch.isnan(F.cross_entropy(z, y)).item()
+    rce_fast.rce_loss(z, y, reduction="sum").backward()
+    assert (z.grad == 0).all()
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_nan_and_inf_logits_propagate_like_cross_entropy(on_backend):
+    device, _ = on_backend
+    z = torch.randn(5, 4, device=device)
+    y = torch.tensor([0, 1, 2, 3, -100], device=device)
+    z[0, 2] = float("nan")
+    z[1, 3] = float("inf")
+    z[2, 0] = float("-inf")  # off the label: the reverse label puts mass there -> +inf loss
+    z[4, 1] = float("nan")   # ignored row: 0 loss and 0 gradient, NaN or not
+    zz = z.clone().requires_grad_(True)
+    out = rce_fast.rce_loss(zz, y, reduction="none")
+    ref = rce_loss_reference(z.cpu(), y.cpu(), reduction="none")
+    assert torch.isnan(out[0]) and torch.isnan(ref[0])
+    assert torch.isnan(out[1]) and torch.isnan(ref[1])
+    assert out[2] == float("inf") and ref[2] == float("inf")
+    assert torch.isfinite(out[3]) and out[4] == 0
+    out.sum().backward()
+    assert (zz.grad[4] == 0).all() and torch.isfinite(zz.grad[3]).all()
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_gradient_is_softmax_minus_reverse_label(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(20, 9, torch.float32, device, seed=10)
+    zz = z.clone().requires_grad_(True)
+    rce_fast.rce_loss(zz, y, reduction="sum", temperature=2.0).backward()
+    r = torch.full((20, 9), 1 / 8, device=device).scatter_(1, y[:, None], 0.0)
+    expected = (torch.softmax(z / 2.0, 1) - r) / 2.0
+    torch.testing.assert_close(zz.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, -100, 2, 1, 3])
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda t: rce_fast.rce_loss(t, y, reduction=reduction, temperature=1.7), (z,))
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_opcheck(on_backend):
+    device, _ = on_backend
+    z, y = _inputs(9, 11, torch.float32, device, seed=11)
+    y[3] = -100
+    for requires_grad in (False, True):
+        zz = z.clone().requires_grad_(requires_grad)
+        torch.library.opcheck(torch.ops.rce_fast.rce_loss_forward.default, (zz, y, -100, 0.5))
+    _, lse = torch.ops.rce_fast.rce_loss_forward(z, y, -100, 0.5)
+    g = torch.rand(9, device=device)
+    torch.library.opcheck(torch.ops.rce_fast.rce_loss_backward.default,
+                          (g, z, y, lse, -100, 0.5))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    torch._dynamo.reset()
+
+    def step(z, y):
+        return rce_fast.rce_loss(z, y, temperature=2.0) * 3.0
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    z, y = _inputs(16, 10, torch.float32, "cpu", seed=12)
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out_c = compiled(z1, y)
+    out_e = step(z2, y)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+    with pytest.raises(ValueError, match="target"):
+        compiled(z, torch.full((16,), 10))
+
+
+def test_module_matches_function_and_repr():
+    z, y = _inputs(8, 4, torch.float32, "cpu", seed=13)
+    mod = rce_fast.RCELoss(reduction="sum", temperature=2.0)
+    torch.testing.assert_close(mod(z, y), rce_fast.rce_loss(z, y, "sum", temperature=2.0))
+    assert "temperature=2.0" in repr(mod)
+    with pytest.raises(ValueError, match="temperature"):
+        rce_fast.RCELoss(temperature=0)
+    with pytest.raises(ValueError, match="reduction"):
+        rce_fast.RCELoss(reduction="avg")
+
+
+def test_rce_inference_helpers():
+    z = torch.tensor([[3.0, -1.0, 0.5], [0.0, 2.0, -4.0]])
+    assert rce_fast.rce_predict(z).tolist() == [1, 2]
+    assert torch.equal(rce_fast.rce_decision_logits(z), -z)
+    assert torch.equal(rce_fast.decision_logits(z, "ce"), z)
+    assert rce_fast.decision_logits(z, "rce").argmax(1).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="objective"):
+        rce_fast.decision_logits(z, "mse")
+
+
+def test_rce_training_signal_makes_label_least_likely():
+    """A few SGD steps on RCE push Z_y below the other logits (prediction = argmin Z)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x @ torch.randn(8, 4)).argmax(1)  # linearly separable labels
+    w = torch.zeros(8, 4, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.5)
+    first = None
+    for _ in range(200):
+        loss = rce_fast.rce_loss(x @ w, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert (rce_fast.rce_predict(x @ w) == y).float().mean() > 0.8
+
+
+# ------------------------------------------------------------------------- bad input
+
+def _bad(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_raise_clear_errors():
+    z = torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    _bad(lambda: rce_fast.rce_loss(z, torch.tensor([0, 1, 5, 3])), ValueError, r"target.*\[0, 5\)")
+    _bad(lambda: rce_fast.rce_loss(z, torch.tensor([0, -1, 2, 3])), ValueError, "target")
+    _bad(lambda: rce_fast.rce_loss(z, y.float()), TypeError, "target")
+    _bad(lambda: rce_fast.rce_loss(z.long(), y), TypeError, "logits")
+    _bad(lambda: rce_fast.rce_loss(z.numpy(), y), TypeError, "logits")
+    _bad(lambda: rce_fast.rce_loss(z, [0, 1, 2, 3]), TypeError, "target")
+    _bad(lambda: rce_fast.rce_loss(z, y[:3]), ValueError, r"target must have shape \(4,\)")
+    _bad(lambda: rce_fast.rce_loss(z[:, :1], y * 0), ValueError, "at least 2 classes")
+    _bad(lambda: rce_fast.rce_loss(z, y, temperature=0.0), ValueError, "temperature")
+    _bad(lambda: rce_fast.rce_loss(z, y, temperature=-1), ValueError, "temperature")
+    _bad(lambda: rce_fast.rce_loss(z, y, temperature=math.inf), ValueError, "temperature")
+    _bad(lambda: rce_fast.rce_loss(z, y, temperature="2"), TypeError, "temperature")
+    _bad(lambda: rce_fast.rce_loss(z, y, reduction="avg"), ValueError, "reduction")
+    _bad(lambda: rce_fast.rce_loss(z, y, ignore_index=1.5), TypeError, "ignore_index")
+    _bad(lambda: rce_fast.rce_loss(torch.tensor(1.0), torch.tensor(0)), ValueError, "logits")
+    _bad(lambda: rce_fast.rce_loss(z, y.to("meta")), ValueError, "device")
+
+
+@pytest.mark.gpu
+def test_device_mismatch_cuda():
+    z = torch.randn(4, 5, device="cuda")
+    with pytest.raises(ValueError, match="same device"):
+        rce_fast.rce_loss(z, torch.tensor([0, 1, 2, 3]))
+
+
+def test_forced_triton_backend_explains_what_it_cannot_run():
+    z = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    with rce_fast.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="triton: .*dtype"):
+            rce_fast.rce_loss(z, y)
+    with pytest.raises(ValueError, match="backend"):
+        rce_fast.set_backend("cuda")
+
+
+def test_range_check_runs_before_any_kernel(monkeypatch):
+    called = []
+    spies = [ops._backend.Impl(impl.name, impl.why_not, lambda *a: called.append(a))
+             for impl in ops._RCE_FORWARD]
+    monkeypatch.setattr(ops, "_RCE_FORWARD", spies)
+    with pytest.raises(ValueError, match="class index 3"):
+        rce_fast.rce_loss(torch.randn(2, 3), torch.tensor([0, 3]))
+    assert not called
