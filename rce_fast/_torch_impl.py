@@ -31,7 +31,8 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
     loss = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
     keep = target != ignore_index
-    label = torch.where(keep, target, 0).unsqueeze(1)
+    # Any in-range index works for ignored rows: their loss is masked afterwards.
+    label = target.clamp(0, num_classes - 1).unsqueeze(1)
     inv_lm1 = 1.0 / (num_classes - 1)
     for rs in _row_chunks(n, num_classes):
         u = logits[rs].to(acc)
@@ -40,8 +41,7 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
         torch.logsumexp(u, 1, out=lse[rs])
         off_label = u.sum(1) - u.gather(1, label[rs]).squeeze(1)
         torch.sub(lse[rs], off_label, alpha=inv_lm1, out=loss[rs])
-    loss.masked_fill_(~keep, 0.0)
-    return loss, lse
+    return torch.where(keep, loss, 0.0), lse
 
 
 def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -51,8 +51,8 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     acc = acc_dtype(logits.dtype)
     grad = torch.empty((n, num_classes), dtype=logits.dtype, device=logits.device)
     keep = target != ignore_index
-    label = torch.where(keep, target, 0).unsqueeze(1)
-    g = torch.where(keep, grad_rows.to(acc), 0.0) * inv_temperature
+    label = target.clamp(0, num_classes - 1).unsqueeze(1)
+    g = torch.where(keep, grad_rows.to(acc) * inv_temperature, 0.0)
     inv_lm1 = 1.0 / (num_classes - 1)
     g_label = (g * inv_lm1).unsqueeze(1)
     for rs in _row_chunks(n, num_classes):
@@ -76,3 +76,41 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     if not bool(keep.all()):
         grad[~keep] = 0  # also zeroes NaN logits in ignored rows, as cross_entropy does
     return grad
+
+
+# Inputs of at most one chunk take a path with the fewest tensor ops: at (128, 10) the
+# per-op dispatch cost, not arithmetic, is the whole runtime. It keeps log_softmax
+# (at most one chunk, 1 MiB) for the backward instead of recomputing it from lse.
+SMALL_ELEMS = _CHUNK_ELEMS
+
+
+def rce_forward_small(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                      inv_temperature: float):
+    """(per-row loss, log_softmax(u), label (N, 1), keep (N,), labels_ok).
+
+    ``labels_ok`` is a 0-d bool tensor: False when some non-ignored target is outside
+    [0, L); the caller raises before using anything else.
+    """
+    num_classes = logits.shape[1]
+    clamped = target.clamp(0, num_classes - 1)
+    keep = target != ignore_index
+    labels_ok = ~((clamped != target) & keep).any()
+    u = logits.to(acc_dtype(logits.dtype))
+    if inv_temperature != 1.0:
+        u = u * inv_temperature
+    logp = torch.log_softmax(u, 1)
+    label = clamped.unsqueeze(1)
+    rows = torch.sub(logp.gather(1, label).squeeze(1), logp.sum(1)).mul_(1.0 / (num_classes - 1))
+    return torch.where(keep, rows, 0.0), logp, label, keep, labels_ok
+
+
+def rce_backward_small(grad_scale: torch.Tensor, logp: torch.Tensor, label: torch.Tensor,
+                       keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_scale`` is (N, 1) or a scalar: upstream gradient times 1/T."""
+    inv_lm1 = 1.0 / (logp.shape[1] - 1)
+    grad = logp.exp().sub_(inv_lm1)
+    grad.scatter_add_(1, label, torch.full(label.shape, inv_lm1, dtype=grad.dtype))
+    grad.mul_(grad_scale)
+    if not bool(keep.all()):
+        grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+    return grad.to(dtype)

@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  (registers torch.ops.rce_fast.*)
+from . import ops
 
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,14 +93,10 @@ def rce_loss(logits: Tensor, target: Tensor, reduction: str = "mean",
         z2, t1 = logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
     if t1.dtype != torch.int64:
         t1 = t1.long()
-    rows, _ = torch.ops.rce_fast.rce_loss_forward(z2, t1, int(ignore_index),
-                                                  1.0 / float(temperature))
+    out = ops.rce_loss_reduced(z2, t1, int(ignore_index), 1.0 / float(temperature), reduction)
     if reduction == "none":
-        return rows.reshape(out_shape).to(logits.dtype)
-    if reduction == "sum":
-        return rows.sum().to(logits.dtype)
-    count = (t1 != ignore_index).sum()  # 0 rows left -> nan, like cross_entropy
-    return (rows.sum() / count).to(logits.dtype)
+        out = out.reshape(out_shape)
+    return out.to(logits.dtype)
 
 
 class RCELoss(nn.Module):

@@ -31,6 +31,7 @@ def pytest_collection_modifyitems(config, items):
 def _devices_and_backends():
     """(device, backend) pairs every kernel test runs on."""
     pairs = [pytest.param(("cpu", "torch"), id="cpu-torch"),
+             pytest.param(("cpu", "torch_chunked"), id="cpu-torch_chunked"),
              pytest.param(("cpu", "triton"), id="cpu-triton_interp")]
     pairs.append(pytest.param(("cuda", "auto"), id="cuda", marks=pytest.mark.gpu))
     return pairs
@@ -40,10 +41,19 @@ DEVICE_BACKENDS = _devices_and_backends()
 
 
 @pytest.fixture
-def on_backend(request):
-    """Parametrised (device, backend); sets the backend for the test and restores it."""
+def on_backend(request, monkeypatch):
+    """Parametrised (device, backend); sets the backend for the test and restores it.
+
+    "torch_chunked" is the CPU PyTorch path with tiny row chunks and no small-input
+    shortcut, so every test also covers the multi-chunk code on small shapes.
+    """
     device, backend = request.param
     if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "0":
         pytest.skip("Triton interpreter is off in this run")
+    if backend == "torch_chunked":
+        from rce_fast import _torch_impl
+        monkeypatch.setattr(_torch_impl, "SMALL_ELEMS", -1)
+        monkeypatch.setattr(_torch_impl, "_CHUNK_ELEMS", 64)
+        backend = "torch"
     with rce_fast.use_backend(backend):
         yield device, backend
