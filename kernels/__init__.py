@@ -3,4 +3,4 @@
 Raw tensors in, raw tensors out; argument checking and dispatch live in ``rce_fast``.
 Importing this package imports Triton.
 """
-from . import rce_loss  # noqa: F401
+from . import kdensity, rce_loss  # noqa: F401

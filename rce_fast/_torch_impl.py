@@ -114,3 +114,66 @@ def rce_backward_small(grad_scale: torch.Tensor, logp: torch.Tensor, label: torc
     if not bool(keep.all()):
         grad.masked_fill_(~keep.unsqueeze(1), 0.0)
     return grad.to(dtype)
+
+
+# ------------------------------------------------------------------------- K-density
+# Blocks of at most _KD_BLOCK query-bank pairs (16 MiB of fp32): memory stays bounded
+# however large N and M are, and each block is one matmul.
+_KD_BLOCK = 1 << 22
+_KD_BANK_STEP = 1 << 14
+
+
+def _kd_blocks(q_offsets: torch.Tensor, b_offsets: torch.Tensor):
+    """(query slice, bank slice of the same class) pairs covering every query's class bank."""
+    qo, bo = q_offsets.tolist(), b_offsets.tolist()
+    for c in range(len(qo) - 1):
+        if qo[c] == qo[c + 1]:
+            continue
+        n_bank = bo[c + 1] - bo[c]
+        bank_step = min(n_bank, _KD_BANK_STEP)
+        q_step = max(1, _KD_BLOCK // bank_step)
+        for q0 in range(qo[c], qo[c + 1], q_step):
+            rows = slice(q0, min(qo[c + 1], q0 + q_step))
+            yield rows, [slice(b0, min(bo[c + 1], b0 + bank_step))
+                         for b0 in range(bo[c], bo[c + 1], bank_step)]
+
+
+def _kd_logits(q: torch.Tensor, qn: torch.Tensor, b: torch.Tensor, neg_inv_s2: float):
+    """-max(||q - b||^2, 0) / sigma2 for a block, via one matmul (addmm)."""
+    d2 = torch.addmm((b * b).sum(1).unsqueeze(0), q, b.t(), alpha=-2.0).add_(qn.unsqueeze(1))
+    return d2.clamp_(min=0.0).mul_(neg_inv_s2)
+
+
+def kdensity_lse(q: torch.Tensor, q_offsets: torch.Tensor, bank: torch.Tensor,
+                 b_offsets: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """Same contract as kernels.kdensity.kdensity_lse (float64 input stays float64)."""
+    acc = acc_dtype(q.dtype)
+    lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
+    for rows, bank_slices in _kd_blocks(q_offsets, b_offsets):
+        qq = q[rows].to(acc)
+        qn = (qq * qq).sum(1)
+        run = None
+        for bs in bank_slices:
+            part = torch.logsumexp(_kd_logits(qq, qn, bank[bs].to(acc), -1.0 / sigma2), 1)
+            run = part if run is None else torch.logaddexp(run, part)
+        lse[rows] = run
+    return lse
+
+
+def kdensity_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tensor,
+                  bank: torch.Tensor, b_offsets: torch.Tensor, lse: torch.Tensor,
+                  sigma2: float) -> torch.Tensor:
+    """grad_lse[i] * (2 / sigma2) * (sum_j p_ij x_j - q_i), (N, D) in q's dtype."""
+    acc = acc_dtype(q.dtype)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for rows, bank_slices in _kd_blocks(q_offsets, b_offsets):
+        qq = q[rows].to(acc)
+        qn = (qq * qq).sum(1)
+        mean_x = torch.zeros_like(qq)
+        for bs in bank_slices:
+            b = bank[bs].to(acc)
+            p = _kd_logits(qq, qn, b, -1.0 / sigma2).sub_(lse[rows].unsqueeze(1)).exp_()
+            mean_x.addmm_(p, b)
+        scale = grad_lse[rows].to(acc).unsqueeze(1) * (2.0 / sigma2)
+        dq[rows] = mean_x.sub_(qq).mul_(scale)
+    return dq

@@ -11,6 +11,10 @@ Ops:
         float64 logits), autograd-enabled w.r.t. ``logits``.
   ``rce_fast::rce_loss_backward(grad_rows, logits, target, lse, ignore_index,
         inv_temperature) -> grad_logits``   in the logits' dtype.
+  ``rce_fast::kdensity_lse(q, q_offsets, bank, b_offsets, sigma2) -> lse``
+        log-sum-exp of -||q_i - x_j||^2 / sigma2 over the bank rows of q_i's class, for
+        class-sorted q and bank; autograd-enabled w.r.t. ``q``.
+  ``rce_fast::kdensity_grad(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2)``.
 """
 from __future__ import annotations
 
@@ -203,3 +207,77 @@ def rce_loss_reduced(logits: Tensor, target: Tensor, ignore_index: int, inv_temp
             return rows.sum()
         return rows.sum() / (target != ignore_index).sum()
     return RCELossFunction.apply(logits, target, ignore_index, inv_temperature, reduction)
+
+
+# ----------------------------------------------------------------------------- K-density
+
+
+def _kd_triton_why_not(q: Tensor, **_) -> str | None:
+    why = _backend.triton_device_reason(q.device)
+    if why is not None:
+        return why
+    from rce_fast.kernels import kdensity as k
+    if q.dtype not in k.SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of {k.SUPPORTED_DTYPES}"
+    if q.shape[1] > k.MAX_DIM:
+        return f"feature size {q.shape[1]} > {k.MAX_DIM}"
+    return None
+
+
+def _kd_triton(name):
+    def run(*args):
+        from rce_fast.kernels import kdensity as k
+        return getattr(k, name)(*args)
+    return run
+
+
+_KD_LSE = [_backend.Impl("triton", _kd_triton_why_not, _kd_triton("kdensity_lse")),
+           _backend.Impl("torch", lambda **_: None, _torch_impl.kdensity_lse)]
+_KD_GRAD = [_backend.Impl("triton", _kd_triton_why_not, _kd_triton("kdensity_grad")),
+            _backend.Impl("torch", lambda **_: None, _torch_impl.kdensity_grad)]
+
+
+@torch.library.custom_op("rce_fast::kdensity_lse", mutates_args=())
+def kdensity_lse(q: Tensor, q_offsets: Tensor, bank: Tensor, b_offsets: Tensor,
+                 sigma2: float) -> Tensor:
+    if q.shape[0] == 0:
+        return q.new_empty(0, dtype=_torch_impl.acc_dtype(q.dtype))
+    impl = _backend.pick("kdensity", _KD_LSE, q=q)
+    return impl.run(q, q_offsets, bank, b_offsets, sigma2).to(_torch_impl.acc_dtype(q.dtype))
+
+
+@kdensity_lse.register_fake
+def _(q, q_offsets, bank, b_offsets, sigma2):
+    return q.new_empty(q.shape[0], dtype=_torch_impl.acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("rce_fast::kdensity_grad", mutates_args=())
+def kdensity_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
+                  b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
+    if q.shape[0] == 0:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    impl = _backend.pick("kdensity backward", _KD_GRAD, q=q)
+    return impl.run(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2)
+
+
+@kdensity_grad.register_fake
+def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    q, q_offsets, bank, b_offsets, sigma2 = inputs
+    ctx.save_for_backward(q, q_offsets, bank, b_offsets, output)
+    ctx.sigma2 = sigma2
+
+
+def _kd_backward(ctx, grad_lse):
+    q, q_offsets, bank, b_offsets, lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.rce_fast.kdensity_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
+                                                ctx.sigma2)
+    return grad, None, None, None, None
+
+
+kdensity_lse.register_autograd(_kd_backward, setup_context=_kd_setup_context)

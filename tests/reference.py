@@ -36,3 +36,13 @@ def rce_loss_closed_form(logits, target, temperature=1.0):
     num_classes = u.shape[1]
     return torch.logsumexp(u, 1) - (u.sum(1) - u.gather(1, target[:, None]).squeeze(1)) / (
         num_classes - 1)
+
+
+def kdensity_reference(q, bank, bank_labels, query_classes, sigma2):
+    """log mean_{j: class match} exp(-||q_i - x_j||^2 / sigma2), brute force (N x M) in the
+    inputs' dtype (use float64 inputs for ground truth)."""
+    d2 = ((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
+    logits = (-d2 / sigma2).masked_fill(bank_labels[None, :] != query_classes[:, None],
+                                        float("-inf"))
+    count = (bank_labels[None, :] == query_classes[:, None]).sum(1)
+    return torch.logsumexp(logits, 1) - count.to(logits.dtype).log()

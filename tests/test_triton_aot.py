@@ -3,7 +3,7 @@ import pytest
 
 from tests.triton_aot import compile_module
 
-KERNEL_MODULES = ["rce_fast.kernels.rce_loss"]
+KERNEL_MODULES = ["rce_fast.kernels.rce_loss", "rce_fast.kernels.kdensity"]
 
 
 @pytest.mark.parametrize("module_name", KERNEL_MODULES)

@@ -31,8 +31,9 @@ def _compile_in_this_process(module_name: str, archs=ARCHS) -> list[str]:
         for cc in archs:
             label = f"{kernel.__name__} sm_{cc} {spec['constexprs']} {spec['signature']}"
             try:
-                src = ASTSource(fn=kernel, signature=spec["signature"],
-                                constexprs=spec["constexprs"])
+                # signature in the kernel's argument order, whatever order the spec used
+                sig = {name: spec["signature"][name] for name in kernel.arg_names}
+                src = ASTSource(fn=kernel, signature=sig, constexprs=spec["constexprs"])
                 compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                           options={"num_warps": spec["num_warps"]})
                 if not compiled.asm.get("cubin"):
