@@ -84,7 +84,7 @@ def summary_rows():
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = summary_rows()
-    if not rows:
+    if not _RESULTS:
         return
     tr = terminalreporter
     tr.section("rce_fast speed ratios (baseline time / rce_fast time, same run)")
@@ -99,6 +99,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "bytes" in extra and "rce_fast" in _RESULTS[case]:
             gbs = extra["bytes"] / _RESULTS[case]["rce_fast"] / 1e9
             tr.write_line(f"{case:38s} rce_fast moves {gbs:8.1f} GB/s")
+        if "pairs" in extra and "rce_fast" in _RESULTS[case]:
+            rate = extra["pairs"] / _RESULTS[case]["rce_fast"]
+            tr.write_line(f"{case:38s} rce_fast evaluates {rate:.3g} query-bank pairs/s")
     missed = [r for r in rows if r[5].endswith("MISSED")]
     if missed and config.getoption("--enforce-targets"):
         tr.write_line(f"{len(missed)} speed target(s) missed")

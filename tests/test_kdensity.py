@@ -300,3 +300,21 @@ def test_detector_errors():
         det.fit_threshold(q, qc, fpr=2.0)
     with pytest.raises(ValueError, match="empty"):
         threshold_for_fpr(torch.zeros(0), 0.1)
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_far_from_origin_features_keep_accuracy(on_backend):
+    """Features offset by 1000: the uncentred fp32 expansion ||q||^2 + ||b||^2 - 2 q.b
+    loses ~eps * ||q||^2 ~ 8 per distance (log KD off by ~20); class centring keeps the
+    error at the level of the reference's own fp32 error."""
+    device, _ = on_backend
+    q, b, bl, qc = _data(50, 80, 64, 3, device=device, seed=11)
+    q, b = q + 1000.0, b + 1000.0
+    sigma2 = 0.1 / 0.26 * 8
+    out = rce_fast.kdensity(q, b, bl, qc, sigma2)
+    ref = kdensity_reference(q.double().cpu(), b.double().cpu(), bl.cpu(), qc.cpu(), sigma2)
+    q32, b32 = q.cpu().float(), b.cpu().float()
+    d2_naive = (q32 ** 2).sum(1)[:, None] + (b32 ** 2).sum(1)[None] - 2 * q32 @ b32.T
+    d2_true = torch.cdist(q.double().cpu(), b.double().cpu()) ** 2
+    assert (d2_naive.double() - d2_true).abs().max() > 1.0  # the problem is real
+    assert (out.double().cpu() - ref).abs().max() < 1e-3
