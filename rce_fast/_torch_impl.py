@@ -177,3 +177,40 @@ def kdensity_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tens
         scale = grad_lse[rows].to(acc).unsqueeze(1) * (2.0 / sigma2)
         dq[rows] = mean_x.sub_(qq).mul_(scale)
     return dq
+
+
+# ----------------------------------------------------------------------- JSMA pairs
+_PAIR_BLOCK = 1 << 22  # pair scores materialised at once (16 MiB)
+
+
+def jsma_pairs(alpha: torch.Tensor, beta: torch.Tensor, domain: torch.Tensor,
+               increase: bool) -> torch.Tensor:
+    """Tiled PyTorch JSMA pair search, bit-identical to the C++/CUDA paths.
+
+    alpha, beta (B, n) float32; domain (B, n) bool. Returns (B, 2) int64, (-1, -1) where no
+    pair satisfies the sign conditions. Memory O(n + block), never n x n.
+    """
+    batch, _ = alpha.shape
+    out = torch.full((batch, 2), -1, dtype=torch.int64, device=alpha.device)
+    for b in range(batch):
+        idx = torch.nonzero(domain[b]).squeeze(1)
+        a, bt = alpha[b, idx], beta[b, idx]
+        k = len(idx)
+        rows = max(1, _PAIR_BLOCK // max(k, 1))
+        best_score, best = None, None
+        cols = torch.arange(k, device=alpha.device)
+        for i0 in range(0, k, rows):
+            i1 = min(k, i0 + rows)
+            sa = a[i0:i1, None] + a[None, :]
+            sb = bt[i0:i1, None] + bt[None, :]
+            ok = (sa > 0) & (sb < 0) if increase else (sa < 0) & (sb > 0)
+            ok &= cols[None, :] > torch.arange(i0, i1, device=alpha.device)[:, None]
+            score = torch.where(ok, sa * -sb, float("-inf"))
+            flat = int(torch.argmax(score))  # first maximum: lowest (i, j) in the block
+            top = score.view(-1)[flat]
+            # -inf: no valid pair in this block; only a strictly better block wins ties
+            if bool(top > float("-inf")) and (best_score is None or bool(top > best_score)):
+                best_score, best = top, (i0 + flat // k, flat % k)
+        if best is not None:
+            out[b, 0], out[b, 1] = idx[best[0]], idx[best[1]]
+    return out

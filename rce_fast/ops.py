@@ -15,13 +15,16 @@ Ops:
         log-sum-exp of -||q_i - x_j||^2 / sigma2 over the bank rows of q_i's class, for
         class-sorted q and bank; autograd-enabled w.r.t. ``q``.
   ``rce_fast::kdensity_grad(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2)``.
+  ``rce_fast::jsma_pairs(alpha, beta, domain, increase) -> pairs``   the JSMA saliency
+        pair search, (B, 2) int64 with (-1, -1) where no pair qualifies; the compiled
+        extension rce_fast._C on CPU (OpenMP) and CUDA, a tiled PyTorch fallback else.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _backend, _torch_impl
+from . import _backend, _ext, _torch_impl
 
 # ----------------------------------------------------------------------------- RCE loss
 
@@ -281,3 +284,70 @@ def _kd_backward(ctx, grad_lse):
 
 
 kdensity_lse.register_autograd(_kd_backward, setup_context=_kd_setup_context)
+
+
+# ---------------------------------------------------------------------- JSMA pair search
+
+
+def _jsma_compiled_why_not(alpha: Tensor, **_) -> str | None:
+    if _backend.get_backend() == "torch":
+        return "backend 'torch' selected"
+    module, why = _ext.load()
+    if module is None:
+        return why
+    if alpha.device.type == "cuda" and not module.with_cuda:
+        return "rce_fast._C was built without CUDA (no CUDA compiler at build time)"
+    if alpha.device.type not in ("cpu", "cuda"):
+        return f"device type {alpha.device.type!r} is not supported"
+    return None
+
+
+_MAX_CUDA_BATCH = 65535  # grid.y limit of the CUDA kernel
+
+
+def _jsma_compiled(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool) -> Tensor:
+    module, _ = _ext.load()
+    alpha = alpha.to(torch.float32).contiguous()
+    beta = beta.to(torch.float32).contiguous()
+    dom = domain.to(torch.bool).contiguous().view(torch.uint8)
+    batch, n = alpha.shape
+    out = torch.empty((batch, 2), dtype=torch.int64, device=alpha.device)
+    if alpha.device.type == "cpu":
+        module.jsma_pairs_cpu(alpha.data_ptr(), beta.data_ptr(), dom.data_ptr(),
+                              out.data_ptr(), batch, n, bool(increase), torch.get_num_threads())
+        return out
+    blocks = module.jsma_cuda_blocks_per_image(n)
+    with torch.cuda.device(alpha.device):
+        stream = torch.cuda.current_stream(alpha.device).cuda_stream
+        for b0 in range(0, batch, _MAX_CUDA_BATCH):
+            b1 = min(batch, b0 + _MAX_CUDA_BATCH)
+            ws_score = torch.empty((b1 - b0) * blocks, dtype=torch.float32, device=alpha.device)
+            ws_pair = torch.empty((b1 - b0) * blocks * 2, dtype=torch.int64, device=alpha.device)
+            module.jsma_pairs_cuda(alpha[b0:b1].data_ptr(), beta[b0:b1].data_ptr(),
+                                   dom[b0:b1].data_ptr(), out[b0:b1].data_ptr(),
+                                   ws_score.data_ptr(), ws_pair.data_ptr(), b1 - b0, n,
+                                   bool(increase), stream)
+    return out
+
+
+def _jsma_torch(alpha, beta, domain, increase):
+    if _backend.get_backend() != "torch":
+        _ext.warn_fallback("jsma_pairs")
+    return _torch_impl.jsma_pairs(alpha.float(), beta.float(), domain.bool(), increase)
+
+
+_JSMA = [_backend.Impl("compiled", _jsma_compiled_why_not, _jsma_compiled),
+         _backend.Impl("torch", lambda **_: None, _jsma_torch)]
+
+
+@torch.library.custom_op("rce_fast::jsma_pairs", mutates_args=())
+def jsma_pairs(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool) -> Tensor:
+    if alpha.shape[0] == 0:
+        return torch.empty((0, 2), dtype=torch.int64, device=alpha.device)
+    impl = _backend.pick("jsma_pairs", _JSMA, alpha=alpha)
+    return impl.run(alpha, beta, domain, increase)
+
+
+@jsma_pairs.register_fake
+def _(alpha, beta, domain, increase):
+    return alpha.new_empty((alpha.shape[0], 2), dtype=torch.int64)

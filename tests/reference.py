@@ -46,3 +46,27 @@ def kdensity_reference(q, bank, bank_labels, query_classes, sigma2):
                                         float("-inf"))
     count = (bank_labels[None, :] == query_classes[:, None]).sum(1)
     return torch.logsumexp(logits, 1) - count.to(logits.dtype).log()
+
+
+def jsma_pairs_reference(alpha, beta, domain, increase):
+    """Brute-force JSMA pair search over the full n x n pair matrix (tests only).
+
+    Best (alpha_p + alpha_q) * -(beta_p + beta_q) over p < q in the domain, with
+    alpha_p + alpha_q > 0 and beta_p + beta_q < 0 (signs flipped when not ``increase``);
+    ties to the lowest (p, q); (-1, -1) when no pair qualifies. float32 arithmetic.
+    """
+    batch, n = alpha.shape
+    out = torch.full((batch, 2), -1, dtype=torch.int64)
+    a, b, d = alpha.float().cpu(), beta.float().cpu(), domain.bool().cpu()
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    for i in range(batch):
+        sa = a[i][:, None] + a[i][None, :]
+        sb = b[i][:, None] + b[i][None, :]
+        ok = (sa > 0) & (sb < 0) if increase else (sa < 0) & (sb > 0)
+        ok &= upper & d[i][:, None] & d[i][None, :]
+        if not ok.any():
+            continue
+        score = torch.where(ok, sa * -sb, float("-inf"))
+        flat = int(torch.argmax(score))
+        out[i, 0], out[i, 1] = flat // n, flat % n
+    return out

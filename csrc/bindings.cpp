@@ -1,0 +1,46 @@
+// pybind11 module rce_fast._C. Takes raw data pointers and sizes from Python (no torch
+// headers at build time): the Python side owns every buffer and checks every argument.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "jsma.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rce_fast compiled kernels: the JSMA saliency pair search (CPU, CUDA)";
+  m.def(
+      "jsma_pairs_cpu",
+      [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, int64_t batch,
+         int64_t n, bool increase, int num_threads) {
+        py::gil_scoped_release release;
+        rce_fast::jsma_pairs_cpu(reinterpret_cast<const float*>(alpha),
+                                 reinterpret_cast<const float*>(beta),
+                                 reinterpret_cast<const uint8_t*>(domain),
+                                 reinterpret_cast<int64_t*>(out), batch, n, increase,
+                                 num_threads);
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("domain"), py::arg("out"), py::arg("batch"),
+      py::arg("n"), py::arg("increase"), py::arg("num_threads") = 0);
+#ifdef RCE_FAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("jsma_cuda_blocks_per_image", &rce_fast::jsma_cuda_blocks_per_image);
+  m.def(
+      "jsma_pairs_cuda",
+      [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, uintptr_t ws_score,
+         uintptr_t ws_pair, int64_t batch, int64_t n, bool increase, uintptr_t stream) {
+        py::gil_scoped_release release;
+        rce_fast::jsma_pairs_cuda(
+            reinterpret_cast<const float*>(alpha), reinterpret_cast<const float*>(beta),
+            reinterpret_cast<const uint8_t*>(domain), reinterpret_cast<int64_t*>(out),
+            reinterpret_cast<float*>(ws_score), reinterpret_cast<int64_t*>(ws_pair), batch, n,
+            increase, reinterpret_cast<void*>(stream));
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("domain"), py::arg("out"),
+      py::arg("ws_score"), py::arg("ws_pair"), py::arg("batch"), py::arg("n"),
+      py::arg("increase"), py::arg("stream"));
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,24 @@
+"""Loads the compiled extension rce_fast._C, or records why it is not available."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """(module or None, reason or None)."""
+    try:
+        from rce_fast import _C
+    except ImportError as exc:
+        return None, (f"the compiled extension rce_fast._C is not available ({exc}); "
+                      "reinstall with `pip install -e .` (needs cmake, ninja and a C++ "
+                      "compiler) to build it")
+    return _C, None
+
+
+@functools.lru_cache(maxsize=None)
+def warn_fallback(op: str) -> None:
+    _, why = load()
+    warnings.warn(f"{op}: {why}. Falling back to the slower PyTorch implementation.",
+                  RuntimeWarning, stacklevel=3)
