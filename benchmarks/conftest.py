@@ -99,6 +99,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if "bytes" in extra and "rce_fast" in _RESULTS[case]:
             gbs = extra["bytes"] / _RESULTS[case]["rce_fast"] / 1e9
             tr.write_line(f"{case:38s} rce_fast moves {gbs:8.1f} GB/s")
+        if "per_image_of" in extra:
+            per = {role: t / extra["per_image_of"] for role, t in _RESULTS[case].items()}
+            tr.write_line(f"{case:38s} per example: " + ", ".join(
+                f"{role} {t * 1e3:.3f} ms" for role, t in per.items()))
         if "pairs" in extra and "rce_fast" in _RESULTS[case]:
             rate = extra["pairs"] / _RESULTS[case]["rce_fast"]
             tr.write_line(f"{case:38s} rce_fast evaluates {rate:.3g} query-bank pairs/s")

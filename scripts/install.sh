@@ -15,4 +15,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[install] rce_fast and its dependencies"
 pip_install -e ".[test]"
+# Baseline for the attack benchmarks; --no-deps keeps it from pulling torchvision.
+pip_install --no-deps "torchattacks==3.5.1"
 "$PY" -c "import rce_fast, torch; print(f'[install] rce_fast {rce_fast.__version__}, torch {torch.__version__}')"

@@ -70,3 +70,35 @@ def jsma_pairs_reference(alpha, beta, domain, increase):
         flat = int(torch.argmax(score))
         out[i, 0], out[i, 1] = flat // n, flat % n
     return out
+
+
+def jsma_attack_reference(model, x, target, theta=1.0, gamma=0.1, clip=(-0.5, 0.5),
+                          use_logits=True):
+    """JSMA one image at a time with the brute-force pair search (tests only)."""
+    lo, hi = clip
+    out = []
+    n = x[0].numel()
+    budget = int(gamma * n) // 2
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].detach().reshape(1, n).clone()
+        t = int(target[i])
+        domain = (xi < hi) if theta > 0 else (xi > lo)
+        for _ in range(budget):
+            xr = xi.reshape(1, *x.shape[1:]).requires_grad_(True)
+            z = model(xr)
+            if not use_logits:
+                z = torch.softmax(z, 1)
+            if int(z.argmax(1)) == t:
+                break
+            (ga,) = torch.autograd.grad(z[0, t], xr, retain_graph=True)
+            (gall,) = torch.autograd.grad(z.sum(), xr)
+            alpha = ga.reshape(1, n).float()
+            beta = (gall - ga).reshape(1, n).float()
+            p, q = jsma_pairs_reference(alpha, beta, domain, theta > 0)[0].tolist()
+            if p < 0:
+                break
+            for f in (p, q):
+                xi[0, f] = min(hi, max(lo, float(xi[0, f]) + theta * (hi - lo)))
+                domain[0, f] = False
+        out.append(xi.reshape(x.shape[1:]))
+    return torch.stack(out)

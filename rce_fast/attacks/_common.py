@@ -1,0 +1,118 @@
+"""Shared pieces of the attacks: argument checks, targets, per-example diagnostics.
+
+Every attack takes a module returning DECISION logits (Z for a CE model, -Z for an RCE
+model: see rce_fast.models' classifier wrapper), works on whole batches on any device,
+clips to the input box and returns the adversarial batch with the same shape, dtype
+and device as the input. Pass ``return_info=True`` for ``(x_adv, AttackInfo)``.
+The model should be in eval mode (batch-norm statistics must not depend on the batch).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttackInfo:
+    """Per-example diagnostics of an attack (tensors of shape (B,) on the input's device)."""
+    success: Tensor
+    target: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+
+def check_images(x, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch of shape (B, ...), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_clip(clip) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip must be a (min, max) pair of numbers, got {clip!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip must be finite with min < max, got {clip!r}")
+    return lo, hi
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {value}")
+    return float(value)
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def generator_for(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+def resolve_target(target, logits: Tensor, seed: int | None = 0, name: str = "target") -> Tensor:
+    """LongTensor (B,) of target classes from a tensor, "least_likely" or "random".
+
+    "least_likely": argmin of the clean decision logits. "random": uniform over the
+    classes other than the clean prediction (seeded, so reproducible).
+    """
+    batch, num_classes = logits.shape
+    if isinstance(target, str):
+        if target == "least_likely":
+            return logits.argmin(1)
+        if target == "random":
+            g = generator_for(seed, "cpu")
+            pred = logits.argmax(1).cpu()
+            offset = torch.randint(1, num_classes, (batch,), generator=g)
+            return ((pred + offset) % num_classes).to(logits.device)
+        raise ValueError(f"{name} must be a LongTensor, 'least_likely' or 'random', got "
+                         f"{target!r}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name} must be a LongTensor, 'least_likely' or 'random', got "
+                        f"{type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got {target.dtype}")
+    if tuple(target.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(target.shape)}")
+    target = target.to(logits.device, torch.int64)
+    if bool(((target < 0) | (target >= num_classes)).any()):
+        raise ValueError(f"{name} holds classes outside [0, {num_classes})")
+    return target
+
+
+def decision_logits(model, x: Tensor) -> Tensor:
+    out = model(x)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError("model must return decision logits of shape (B, L); got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return out
