@@ -13,6 +13,7 @@ from sklearn.neighbors import KernelDensity
 
 import rce_fast
 from benchmarks.conftest import DEVICE, HAS_CUDA, set_target
+from tests.reference import kdensity_reference
 
 SIGMA2 = 0.1 / 0.26
 D = 64
@@ -60,12 +61,17 @@ def test_kdensity_10k(record, impl):
            "scikit-learn": lambda: sklearn_per_class(q, bank, bl, qc)}
     out = record(CASE, impl, fns[impl], rounds=3 if impl == "scikit-learn" else None,
                  pairs=10_000 * 1000)
-    ours = rce_fast.kdensity(q[:200], bank, bl, qc[:200], SIGMA2).double().cpu()
-    theirs = torch.as_tensor(out[:200] if impl != "rce_fast" else out[:200].cpu()).double()
-    if impl == "scikit-learn":  # equal up to sklearn's normalising constant
-        assert np.ptp((ours - theirs).numpy()) < 1e-2
+    # Checked against the float64 brute force. scikit-learn's tree-based KernelDensity
+    # is equal only up to its normalising constant, and on these 64-d inputs its
+    # evaluation drifts by up to ~1.6 in log-density for far points: reported, not asserted.
+    ref = kdensity_reference(q[:200].double().cpu(), bank.double().cpu(), bl.cpu(),
+                             qc[:200].cpu(), SIGMA2)
+    got = torch.as_tensor(out[:200] if impl == "scikit-learn" else out[:200].cpu()).double()
+    if impl == "scikit-learn":
+        spread = float(np.ptp((got - ref).numpy()))
+        print(f"\nscikit-learn minus float64 reference: spread {spread:.3g} (0 = a constant)")
     else:
-        torch.testing.assert_close(ours, theirs.cpu(), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("impl", ["rce_fast", "naive torch.cdist"])

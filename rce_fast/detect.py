@@ -107,6 +107,40 @@ def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None 
     return BankIndex(centred, _offsets(counts), counts, centers, c)
 
 
+class QueryPlan:
+    """The class grouping of a fixed set of query classes, computed (and checked) once, so
+    that repeated K-density calls on changing features (an attack's inner loop) do no
+    re-sorting and no checks."""
+
+    def __init__(self, query_classes: Tensor, index: BankIndex) -> None:
+        cls = query_classes.long()
+        if cls.numel() and int(cls.max()) >= index.num_classes:
+            raise ValueError(f"query_classes holds class {int(cls.max())} but the bank has "
+                             f"{index.num_classes} classes")
+        empty = index.counts[cls] == 0
+        if bool(empty.any()):
+            missing = sorted(set(cls[empty].tolist()))
+            raise ValueError(f"query_classes asks for classes with no bank rows: {missing}")
+        self.order = torch.argsort(cls, stable=True)
+        self.cls_sorted = cls[self.order]
+        self.q_offsets = _offsets(torch.bincount(cls, minlength=index.num_classes))
+        self.log_counts = index.counts[self.cls_sorted].log()
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
+
+
+def kdensity_planned(queries: Tensor, plan: QueryPlan, index: BankIndex,
+                     sigma2: float) -> Tensor:
+    """Log K-density with a precomputed :class:`QueryPlan` (no argument checks)."""
+    acc = acc_dtype(queries.dtype)
+    if queries.shape[0] == 0:
+        return queries.new_empty(0, dtype=acc)
+    q_sorted = (queries[plan.order].to(acc) - index.centers[plan.cls_sorted]).to(queries.dtype)
+    lse = torch.ops.rce_fast.kdensity_lse(q_sorted, plan.q_offsets, index.bank, index.offsets,
+                                          sigma2)
+    return (lse - plan.log_counts.to(lse.dtype))[plan.inverse]
+
+
 def kdensity_indexed(queries: Tensor, query_classes: Tensor, index: BankIndex,
                      sigma2: float) -> Tensor:
     """Log K-density of ``queries`` against a prepared :class:`BankIndex` (see kdensity)."""
@@ -121,24 +155,7 @@ def kdensity_indexed(queries: Tensor, query_classes: Tensor, index: BankIndex,
     acc = acc_dtype(queries.dtype)
     if queries.shape[0] == 0:
         return queries.new_empty(0, dtype=acc)
-    cls = query_classes.long()
-    if int(cls.max()) >= index.num_classes:
-        raise ValueError(f"query_classes holds class {int(cls.max())} but the bank has "
-                         f"{index.num_classes} classes")
-    empty = index.counts[cls] == 0
-    if bool(empty.any()):
-        missing = sorted(set(cls[empty].tolist()))
-        raise ValueError(f"query_classes asks for classes with no bank rows: {missing}")
-    order = torch.argsort(cls, stable=True)
-    cls_sorted = cls[order]
-    q_sorted = (queries[order].to(acc) - index.centers[cls_sorted]).to(queries.dtype)
-    q_offsets = _offsets(torch.bincount(cls, minlength=index.num_classes))
-    lse = torch.ops.rce_fast.kdensity_lse(q_sorted, q_offsets, index.bank, index.offsets,
-                                          sigma2)
-    logkd_sorted = lse - index.counts[cls_sorted].to(lse.dtype).log()
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=order.device)
-    return logkd_sorted[inverse]
+    return kdensity_planned(queries, QueryPlan(query_classes, index), index, sigma2)
 
 
 def kdensity(queries: Tensor, bank: Tensor, bank_labels: Tensor, query_classes: Tensor,

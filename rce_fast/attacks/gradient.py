@@ -1,0 +1,149 @@
+"""FGSM, BIM, ILCM and RAND noise (the paper's cheap attacks), batched.
+
+Labels default to the model's own prediction on the clean input, computed once; ILCM's
+least-likely class is likewise fixed from the clean input. ``eps`` may be a number or a
+sequence of numbers: a sweep runs as one call (FGSM reuses its single gradient; BIM and
+ILCM stack the sweep into one batch so every step is one model call) and returns a
+tensor of shape (E, B, ...).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import (AttackInfo, check_clip, check_images, check_int, decision_logits,
+                      generator_for, resolve_target)
+
+
+def _eps_list(eps) -> tuple[list[float], bool]:
+    """(values, is_sweep); every value finite and >= 0."""
+    if isinstance(eps, Tensor):
+        eps = eps.tolist()
+    sweep = not isinstance(eps, numbers.Real)
+    values = list(eps) if sweep else [eps]
+    if sweep and len(values) == 0:
+        raise ValueError("eps sweep is empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < float("inf")):
+            raise ValueError(f"eps must be a finite number >= 0 (or a sequence of them), "
+                             f"got {eps!r}")
+    return [float(v) for v in values], sweep
+
+
+def _labels(model, x: Tensor, labels) -> Tensor:
+    with torch.no_grad():
+        clean = decision_logits(model, x)
+    if labels is None:
+        return clean.argmax(1)
+    return resolve_target(labels, clean, name="labels")
+
+
+def _ce_grad_sign(model, x: Tensor, y: Tensor) -> Tensor:
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(decision_logits(model, x).float(), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    return g.sign()
+
+
+def _finish(x_adv: Tensor, x: Tensor, sweep: bool, n_eps: int, model, y: Tensor,
+            targeted: bool, return_info: bool):
+    batch = x.shape[0]
+    out = x_adv.reshape(n_eps, *x.shape) if sweep else x_adv.reshape(x.shape)
+    if not return_info:
+        return out
+    with torch.no_grad():
+        pred = decision_logits(model, x_adv).argmax(1).reshape(n_eps, batch)
+    yy = y.reshape(1, batch)
+    success = (pred == yy) if targeted else (pred != yy)
+    linf = (x_adv.reshape(n_eps, batch, -1) - x.reshape(1, batch, -1)).abs().amax(-1)
+    if not sweep:
+        success, linf, pred = success[0], linf[0], pred[0]
+    key = "target" if targeted else "labels"
+    return out, AttackInfo(success=success, target=y if targeted else None,
+                           extra={key: y, "prediction": pred, "linf": linf})
+
+
+def fgsm(model, x: Tensor, eps, labels=None, clip=(-0.5, 0.5), return_info: bool = False):
+    """Fast gradient sign method: x + eps * sign(grad_x CE(model(x), labels)), clipped.
+
+    Args:
+        model: module returning decision logits (B, L).
+        x: (B, ...) inputs. eps: a number or a sweep (sequence) of numbers >= 0.
+        labels: true labels (B,); default the model's prediction on ``x``.
+        return_info: also return AttackInfo (``success`` = prediction changed from the
+            labels, ``prediction``, ``linf``).
+    """
+    check_images(x)
+    lo, hi = check_clip(clip)
+    eps_values, sweep = _eps_list(eps)
+    y = _labels(model, x, labels)
+    sign = _ce_grad_sign(model, x, y)
+    e = torch.tensor(eps_values, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
+    x_adv = (x.detach().unsqueeze(0) + e * sign.unsqueeze(0)).clamp(lo, hi)
+    return _finish(x_adv.reshape(-1, *x.shape[1:]), x, sweep, len(eps_values), model, y,
+                   False, return_info)
+
+
+def _iterative(model, x, eps, steps, step_size, y, targeted, project, clip):
+    lo, hi = check_clip(clip)
+    eps_values, sweep = _eps_list(eps)
+    steps = check_int(steps, "steps", 0)
+    n_eps = len(eps_values)
+    shape = [-1] + [1] * (x.dim() - 1)
+    e = torch.tensor(eps_values, dtype=x.dtype, device=x.device).repeat_interleave(x.shape[0])
+    if step_size is None:
+        alpha = e / 10.0  # the paper: eps / 10 per step
+    else:
+        alpha = torch.full_like(e, float(step_size))
+    x0 = x.detach().repeat(n_eps, *[1] * (x.dim() - 1))
+    yy = y.repeat(n_eps)
+    x_adv = x0.clone()
+    direction = -1.0 if targeted else 1.0  # towards the target / away from the label
+    for _ in range(steps):
+        x_adv = x_adv + direction * alpha.view(shape) * _ce_grad_sign(model, x_adv, yy)
+        if project:
+            x_adv = torch.max(torch.min(x_adv, x0 + e.view(shape)), x0 - e.view(shape))
+        x_adv = x_adv.clamp(lo, hi)
+    return x_adv, sweep, n_eps
+
+
+def bim(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None, labels=None,
+        project: bool = False, clip=(-0.5, 0.5), return_info: bool = False):
+    """Basic iterative method: ``steps`` FGSM steps of ``step_size`` (default eps / 10).
+
+    As in the authors' release, only the input box is enforced; ``project=True`` also
+    projects onto the L-inf eps-ball around x after every step.
+    """
+    check_images(x)
+    y = _labels(model, x, labels)
+    x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, y, False, project, clip)
+    return _finish(x_adv, x, sweep, n_eps, model, y, False, return_info)
+
+
+def ilcm(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None,
+         project: bool = False, clip=(-0.5, 0.5), return_info: bool = False):
+    """Iterative least-likely class method: ``steps`` targeted steps
+    x - step_size * sign(grad CE(model(x), t)) towards the clean input's least-likely class."""
+    check_images(x)
+    with torch.no_grad():
+        target = decision_logits(model, x).argmin(1)
+    x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, target, True, project,
+                                     clip)
+    return _finish(x_adv, x, sweep, n_eps, model, target, True, return_info)
+
+
+def rand_noise(x: Tensor, eps, seed: int = 0, clip=(-0.5, 0.5)) -> Tensor:
+    """RAND: x + U(-eps, eps) elementwise, clipped; deterministic given ``seed``.
+    A sweep of eps returns (E, B, ...) (the same uniform draw scaled per eps)."""
+    check_images(x)
+    lo, hi = check_clip(clip)
+    eps_values, sweep = _eps_list(eps)
+    g = generator_for(seed, x.device)
+    u = torch.rand(x.shape, generator=g, device=x.device, dtype=torch.float32) * 2 - 1
+    e = torch.tensor(eps_values, device=x.device).view(-1, *[1] * x.dim())
+    out = (x.unsqueeze(0) + (e * u.unsqueeze(0)).to(x.dtype)).clamp(lo, hi)
+    return out if sweep else out[0]
+
