@@ -32,9 +32,11 @@ def _tile_setup(QOFF, BOFF, TSTART, TCLASS, QN, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     start = tl.load(TSTART + pid)
     cls = tl.load(TCLASS + pid)
-    q_end = tl.load(QOFF + cls + 1)
+    valid = cls >= 0  # the grid is an upper bound: surplus programs have class -1
+    cls = tl.maximum(cls, 0)
+    q_end = tl.where(valid, tl.load(QOFF + cls + 1), 0)
     b_lo = tl.load(BOFF + cls)
-    b_hi = tl.load(BOFF + cls + 1)
+    b_hi = tl.where(valid, tl.load(BOFF + cls + 1), b_lo)  # no bank tiles to stream
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     qn = tl.load(QN + rows, mask=row_ok, other=0.0)
@@ -122,20 +124,33 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _tiles(q_offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start row and class of every BLOCK_M tile of class-sorted queries (one host sync)."""
-    counts = (q_offsets[1:] - q_offsets[:-1]).cpu()
+def _tiles(q_offsets: torch.Tensor, block_m: int, n_rows: int, exact: bool | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start row and class of every BLOCK_M tile of class-sorted queries, built on the
+    device. On CUDA the grid is the upper bound cdiv(N, BLOCK_M) + C (surplus tiles get
+    class -1 and exit at once), so no host synchronisation is needed; on CPU (the
+    interpreter) the exact count is used."""
+    counts = q_offsets[1:] - q_offsets[:-1]
+    num_classes = counts.numel()
     ntiles = (counts + block_m - 1) // block_m
-    cls = torch.repeat_interleave(torch.arange(len(counts)), ntiles)
-    first = torch.cumsum(ntiles, 0) - ntiles
-    start = q_offsets.cpu()[cls] + (torch.arange(len(cls)) - first[cls]) * block_m
-    dev = q_offsets.device
-    return start.to(dev, torch.int32), cls.to(dev, torch.int32)
+    cum = torch.cumsum(ntiles, 0)
+    if exact is None:
+        exact = q_offsets.device.type == "cpu"
+    if exact:
+        total = int(cum[-1]) if num_classes else 0
+    else:
+        total = triton.cdiv(n_rows, block_m) + num_classes
+    t = torch.arange(total, device=q_offsets.device)
+    cls = torch.searchsorted(cum, t, right=True)
+    valid = cls < num_classes
+    cls = cls.clamp(max=max(num_classes - 1, 0))
+    start = q_offsets[cls] + (t - (cum[cls] - ntiles[cls])) * block_m
+    return start.to(torch.int32), torch.where(valid, cls, -1).to(torch.int32)
 
 
 def _common(q, bank, q_offsets):
     block_m, block_n, block_d, warps = block_config(q.shape[1])
-    tstart, tcls = _tiles(q_offsets, block_m)
+    tstart, tcls = _tiles(q_offsets, block_m, q.shape[0])
     qn = q.float().square().sum(1)
     bn = bank.float().square().sum(1)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_precision(q.dtype),

@@ -4,7 +4,7 @@ GPU-accelerated (Triton / CUDA) with fast CPU paths. ``import rce_fast`` needs n
 GPU, Triton, nor the compiled extension.
 """
 from ._backend import get_backend, set_backend, use_backend
-from . import attacks, detect
+from . import attacks, data, detect, models
 from .detect import (DEFAULT_SIGMA2, KDensityDetector, confidence, kdensity, non_me,
                      paper_auc)
 from .loss import (RCELoss, decision_logits, rce_decision_logits, rce_loss,
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "RCELoss", "rce_loss", "rce_decision_logits", "rce_predict", "decision_logits",
     "kdensity", "KDensityDetector", "confidence", "non_me", "paper_auc", "DEFAULT_SIGMA2",
-    "detect", "attacks", "get_backend", "set_backend", "use_backend", "__version__",
+    "detect", "attacks", "models", "data", "get_backend", "set_backend", "use_backend", "__version__",
 ]

@@ -27,14 +27,32 @@ class Decision(torch.nn.Module):
         return rce_fast.decision_logits(self.net(x), self.objective)
 
 
+class MLP(torch.nn.Module):
+    """64-128-10 MLP with the forward_features / head split rce_fast.models expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128),
+                                        torch.nn.LeakyReLU(0.1))
+        self.fc = torch.nn.Linear(128, 10)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
 @functools.lru_cache(maxsize=None)
 def digits_mlp(objective: str = "ce", dtype: torch.dtype = torch.float32, steps: int = 400):
-    """A 64-128-10 MLP trained on the first 1500 digits; returns an eval-mode Decision."""
+    """An MLP trained on the first 1500 digits; returns an eval-mode Classifier."""
     torch.manual_seed(0)
     x, y = digits_tensors()
     x_tr, y_tr = x[:1500], y[:1500]
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128),
-                              torch.nn.LeakyReLU(0.1), torch.nn.Linear(128, 10))
+    net = MLP()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     loss_fn = rce_fast.RCELoss() if objective == "rce" else torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
@@ -44,7 +62,7 @@ def digits_mlp(objective: str = "ce", dtype: torch.dtype = torch.float32, steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model = Decision(net, objective).to(dtype).eval()
+    model = rce_fast.models.Classifier(net, objective).to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
