@@ -27,6 +27,11 @@ def pytest_addoption(parser):
     group = parser.getgroup("rce_fast benchmarks")
     group.addoption("--enforce-targets", action="store_true", default=False,
                     help="fail the run when a speed target stated in an issue is missed")
+    group.addoption("--paper-settings", action="store_true", default=False,
+                    help="attack budgets of the paper (9 x 10,000 C&W steps, ...): slow")
+    group.addoption("--bench-model", default=None,
+                    help="network for the attack benchmarks: mlp, resnet8, resnet32, "
+                         "resnet56 (default: mlp on CPU, resnet32 on GPU)")
 
 
 def sync():
@@ -103,6 +108,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             per = {role: t / extra["per_image_of"] for role, t in _RESULTS[case].items()}
             tr.write_line(f"{case:38s} per example: " + ", ".join(
                 f"{role} {t * 1e3:.3f} ms" for role, t in per.items()))
+        if "paper_seconds" in extra and "rce_fast" in _RESULTS[case]:
+            ours = _RESULTS[case]["rce_fast"] / extra.get("per_image_of", 1)
+            tr.write_line(f"{case:38s} {ours:.3g} s per example (paper, P100: "
+                          f"{extra['paper_seconds']:.3g} s)")
         if "pairs" in extra and "rce_fast" in _RESULTS[case]:
             rate = extra["pairs"] / _RESULTS[case]["rce_fast"]
             tr.write_line(f"{case:38s} rce_fast evaluates {rate:.3g} query-bank pairs/s")

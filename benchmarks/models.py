@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import rce_fast
-from tests.helpers import Decision, digits_tensors
+from rce_fast.models import Classifier, build_model
+from tests.helpers import digits_tensors
 
 MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -27,22 +28,45 @@ def mnist_sized_data():
     return x[:1500], y[:1500], x[1500:], y[1500:], "digits28"
 
 
+class MLP(torch.nn.Module):
+    def __init__(self, hidden: int = 256):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden),
+                                        torch.nn.LeakyReLU(0.1))
+        self.fc = torch.nn.Linear(hidden, 10)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
 @functools.lru_cache(maxsize=None)
-def mnist_sized_mlp(objective: str = "ce", steps: int = 300):
+def mnist_sized_model(kind: str = "mlp", objective: str = "ce", steps: int = 300,
+                      device: str = "cpu"):
+    """A briefly trained CE or RCE model on MNIST-sized data, as an eval-mode Classifier.
+
+    kind: "mlp" (784-256-10, CPU default) or a rce_fast.models name ("resnet8",
+    "resnet32", ...)."""
     x_tr, y_tr, _, _, _ = mnist_sized_data()
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256),
-                              torch.nn.LeakyReLU(0.1), torch.nn.Linear(256, 10))
+    net = MLP() if kind == "mlp" else build_model(kind, in_channels=1)
+    net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     loss_fn = rce_fast.RCELoss() if objective == "rce" else torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, len(x_tr), (128,), generator=g)
-        loss = loss_fn(net(x_tr[idx]), y_tr[idx])
+        loss = loss_fn(net(x_tr[idx].to(device)), y_tr[idx].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model = Decision(net, objective).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return Classifier(net, objective).eval()
+
+
+def mnist_sized_mlp(objective: str = "ce"):
+    return mnist_sized_model("mlp", objective)

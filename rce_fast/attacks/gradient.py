@@ -34,16 +34,30 @@ def _eps_list(eps) -> tuple[list[float], bool]:
 
 
 def _labels(model, x: Tensor, labels) -> Tensor:
-    with torch.no_grad():
-        clean = decision_logits(model, x)
+    """The model's clean prediction, or the user's labels (checked for shape and dtype
+    here; their range is checked against the logits of the first gradient step, so given
+    labels cost no extra forward pass)."""
     if labels is None:
-        return clean.argmax(1)
-    return resolve_target(labels, clean, name="labels")
+        with torch.no_grad():
+            return decision_logits(model, x).argmax(1)
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or \
+            labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor of class indices")
+    if tuple(labels.shape) != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    return labels.to(x.device, torch.int64)
 
 
-def _ce_grad_sign(model, x: Tensor, y: Tensor) -> Tensor:
+def _ce_grad_sign(model, x: Tensor, y: Tensor, check: bool = False) -> Tensor:
+    """sign of grad_x CE(model(x), y); only x's gradient is computed (parameter gradients
+    are skipped even when the parameters require grad)."""
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(decision_logits(model, x).float(), y, reduction="sum")
+    z = decision_logits(model, x)
+    if check:
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= z.shape[1]:
+            raise ValueError(f"labels holds classes outside [0, {z.shape[1]})")
+    loss = F.cross_entropy(z.float(), y, reduction="sum")
     (g,) = torch.autograd.grad(loss, x)
     return g.sign()
 
@@ -80,7 +94,10 @@ def fgsm(model, x: Tensor, eps, labels=None, clip=(-0.5, 0.5), return_info: bool
     lo, hi = check_clip(clip)
     eps_values, sweep = _eps_list(eps)
     y = _labels(model, x, labels)
-    sign = _ce_grad_sign(model, x, y)
+    sign = _ce_grad_sign(model, x, y, check=labels is not None)
+    if not sweep:
+        x_adv = torch.add(x.detach(), sign, alpha=eps_values[0]).clamp_(lo, hi)
+        return _finish(x_adv, x, False, 1, model, y, False, return_info)
     e = torch.tensor(eps_values, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
     x_adv = (x.detach().unsqueeze(0) + e * sign.unsqueeze(0)).clamp(lo, hi)
     return _finish(x_adv.reshape(-1, *x.shape[1:]), x, sweep, len(eps_values), model, y,
@@ -102,11 +119,20 @@ def _iterative(model, x, eps, steps, step_size, y, targeted, project, clip):
     yy = y.repeat(n_eps)
     x_adv = x0.clone()
     direction = -1.0 if targeted else 1.0  # towards the target / away from the label
-    for _ in range(steps):
-        x_adv = x_adv + direction * alpha.view(shape) * _ce_grad_sign(model, x_adv, yy)
+    # One eps: scalar step and bounds (fewer kernels per step); a sweep: per-row tensors.
+    scalar = n_eps == 1 and step_size is None
+    step_arg = direction * eps_values[0] / 10.0 if scalar else direction * alpha.view(shape)
+    low = x0 - (eps_values[0] if scalar else e.view(shape)) if project else None
+    high = x0 + (eps_values[0] if scalar else e.view(shape)) if project else None
+    for step in range(steps):
+        sign = _ce_grad_sign(model, x_adv, yy, check=step == 0)
+        if scalar:
+            x_adv = torch.add(x_adv, sign, alpha=step_arg)
+        else:
+            x_adv = x_adv + step_arg * sign
         if project:
-            x_adv = torch.max(torch.min(x_adv, x0 + e.view(shape)), x0 - e.view(shape))
-        x_adv = x_adv.clamp(lo, hi)
+            x_adv = torch.max(torch.min(x_adv, high), low)
+        x_adv = x_adv.clamp_(lo, hi)
     return x_adv, sweep, n_eps
 
 
