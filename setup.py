@@ -75,6 +75,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["rce-fast = rce_fast.cli:main"]},
     zip_safe=False,
 )

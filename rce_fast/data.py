@@ -65,3 +65,150 @@ def load_mnist(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
                            f"{images.shape}, labels {labels.shape}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0 - 0.5).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``, or a folder holding it):
+    images (N, 3, 32, 32) float32 in [-0.5, 0.5], labels (N,)."""
+    import pickle
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    names = CIFAR_FILES[:5] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DatasetError(f"CIFAR-10 file {path} not found; expected the python batches "
+                               f"{CIFAR_FILES} in {folder} (cifar-10-python.tar.gz, unpacked)")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except Exception as exc:  # pickle, key or shape errors: a corrupt file
+            raise DatasetError(f"corrupt CIFAR-10 batch {path}: {exc}") from exc
+        if len(data) != len(labels):
+            raise DatasetError(f"corrupt CIFAR-10 batch {path}: {len(data)} images, "
+                               f"{len(labels)} labels")
+        xs.append(data)
+        ys.append(labels)
+    x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0 - 0.5)
+    return x, torch.from_numpy(np.concatenate(ys))
+
+
+def load_digits_split(test_fraction: float = 0.3, seed: int = 0):
+    """scikit-learn's bundled 8 x 8 digits (the embedded default data set), stratified
+    split: (x_train, y_train, x_test, y_test), images (N, 1, 8, 8) in [-0.5, 0.5]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = d.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0 - 0.5
+    idx_tr, idx_te = train_test_split(np.arange(len(x)), test_size=test_fraction,
+                                      random_state=seed, stratify=d.target)
+    t = torch.from_numpy
+    return (t(x[idx_tr]), t(d.target[idx_tr].astype(np.int64)), t(x[idx_te]),
+            t(d.target[idx_te].astype(np.int64)))
+
+
+def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto"):
+    """Your own data: an .npz with ``x_train, y_train, x_test, y_test`` or ``images,
+    labels`` (split here). Images (N, H, W) or (N, C, H, W) or (N, H, W, C) for C in
+    {1, 3}; uint8 (0..255) or floats in [0, 1] or [-0.5, 0.5]; scaled to [-0.5, 0.5]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data file {path} not found (expected an .npz with x_train, "
+                           f"y_train, x_test, y_test or images, labels)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        keys = set(z.files)
+    except Exception as exc:
+        raise DatasetError(f"corrupt or unreadable .npz {path}: {exc}") from exc
+    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+        parts = [z["x_train"], z["y_train"], z["x_test"], z["y_test"]]
+    elif {"images", "labels"} <= keys:
+        x, y = z["images"], z["labels"]
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(x))
+        cut = int(round(len(x) * (1 - test_fraction)))
+        parts = [x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]]
+    else:
+        raise DatasetError(f"{path} holds {sorted(keys)}; expected x_train, y_train, x_test, "
+                           f"y_test or images, labels")
+    out = []
+    for i, arr in enumerate(parts):
+        if i % 2:  # labels
+            arr = np.asarray(arr)
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
+                raise DatasetError(f"{path}: labels must be a 1-d array of class indices >= 0")
+            out.append(torch.from_numpy(arr.astype(np.int64)))
+        else:
+            out.append(_to_model_images(np.asarray(arr), path, scale))
+    if len(out[0]) != len(out[1]) or len(out[2]) != len(out[3]):
+        raise DatasetError(f"{path}: images and labels have different lengths")
+    return tuple(out)
+
+
+def _to_model_images(arr: np.ndarray, path, scale: str) -> torch.Tensor:
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise DatasetError(f"{path}: images must be (N, H, W) or (N, C, H, W) / (N, H, W, C) "
+                           f"with C in (1, 3); got {arr.shape}")
+    x = arr.astype(np.float32)
+    if scale == "auto":
+        scale = ("uint8" if arr.dtype == np.uint8 or x.max() > 1.0 else
+                 "centered" if x.min() < 0 else "unit")
+    if scale == "uint8":
+        x = x / 255.0 - 0.5
+    elif scale == "unit":
+        x = x - 0.5
+    elif scale != "centered":
+        raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def augment_cifar(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's CIFAR-10 augmentation on a batch: resize to 40 x 40, random 32 x 32
+    crop, random horizontal flip (per image, on x's device, seeded by ``generator``)."""
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    big = F.interpolate(x, size=(h + 8, w + 8), mode="bilinear", align_corners=False)
+    g = generator
+    oy = torch.randint(0, 9, (b,), generator=g).to(x.device)
+    ox = torch.randint(0, 9, (b,), generator=g).to(x.device)
+    flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)[None])              # (B, H)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)[None])              # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    out = big.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]     # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+DATASETS = ("digits", "mnist", "cifar10", "npz")
+
+
+def load_dataset(name: str, data_dir=None, seed: int = 0):
+    """(x_train, y_train, x_test, y_test) for "digits" (embedded), "mnist", "cifar10"
+    (from ``data_dir``) or "npz" (``data_dir`` is the .npz file)."""
+    if name == "digits":
+        return load_digits_split(seed=seed)
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} needs --data-dir (nothing is downloaded)")
+    if name == "mnist":
+        return (*load_mnist(data_dir, "train"), *load_mnist(data_dir, "test"))
+    if name == "cifar10":
+        return (*load_cifar10(data_dir, "train"), *load_cifar10(data_dir, "test"))
+    if name == "npz":
+        return load_npz(data_dir, seed=seed)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
