@@ -53,6 +53,11 @@ def set_target(case: str, baseline: str, min_ratio: float) -> None:
     _TARGETS[case] = (baseline, min_ratio)
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["rce_fast_gpu"] = torch.cuda.get_device_name() if HAS_CUDA else None
+    machine_info["rce_fast_torch"] = torch.__version__
+
+
 @pytest.fixture
 def record(benchmark, request):
     """record(case, role, fn, **extra): benchmark fn and file its median under case/role."""
@@ -60,6 +65,9 @@ def record(benchmark, request):
         benchmark.group = case
         benchmark.name = role
         benchmark.extra_info.update(extra, case=case, role=role)
+        if case in _TARGETS:  # so the JSON (and benchmarks.summary) knows the target
+            benchmark.extra_info.update(target_baseline=_TARGETS[case][0],
+                                        target_ratio=_TARGETS[case][1])
         if rounds:
             result = benchmark.pedantic(timed(fn), rounds=rounds, warmup_rounds=1)
         else:

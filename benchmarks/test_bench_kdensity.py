@@ -60,7 +60,7 @@ def test_kdensity_10k(record, impl):
            "naive torch.cdist": lambda: naive_torch(q, bank, bl, qc),
            "scikit-learn": lambda: sklearn_per_class(q, bank, bl, qc)}
     out = record(CASE, impl, fns[impl], rounds=3 if impl == "scikit-learn" else None,
-                 pairs=10_000 * 1000)
+                 pairs=10_000 * 1000, dim=D)
     # Checked against the float64 brute force. scikit-learn's tree-based KernelDensity
     # is equal only up to its normalising constant, and on these 64-d inputs its
     # evaluation drifts by up to ~1.6 in log-density for far points: reported, not asserted.
@@ -82,5 +82,5 @@ def test_kdensity_100k(record, impl):
     fns = {"rce_fast": lambda: rce_fast.kdensity(q, bank, bl, qc, SIGMA2),
            "naive torch.cdist": lambda: naive_torch(q, bank, bl, qc)}
     # pairs actually evaluated: each query against its class's 10k bank rows
-    out = record(LARGE, impl, fns[impl], rounds=3, pairs=100_000 * 10_000)
+    out = record(LARGE, impl, fns[impl], rounds=3, pairs=100_000 * 10_000, dim=D)
     assert torch.isfinite(out).all()

@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C&W iterations per binary-search step (default: 10000)")
     r.add_argument("--cw-search", type=_positive_int, default=None,
                    help="C&W binary-search steps (default: 9)")
+    r.add_argument("--wb-steps", type=_positive_int, default=None,
+                   help="C&W-wb iterations per search step, both stages (default: 5000 / "
+                        "10000 as in the release)")
+    r.add_argument("--wb-search", type=_positive_int, default=None,
+                   help="C&W-wb search steps of stage 2 (default: 9; stage 1 uses 1 when "
+                        "--wb-steps is given, else 3)")
+    r.add_argument("--jsma-iterations", type=_positive_int, default=None,
+                   help="JSMA iteration cap (default: 100, as the release)")
     r.add_argument("--out", default=None, help="output folder (default: rce_fast_DATASET)")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     r.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
@@ -173,8 +181,18 @@ def _run(args) -> int:
         over = {k: v for k, v in dict(model=args.model, steps=args.steps,
                                       n_attack=args.n_attack, cw_steps=args.cw_steps,
                                       cw_search=args.cw_search, out=args.out,
-                                      device=args.device, seed=args.seed).items()
+                                      device=args.device, seed=args.seed,
+                                      jsma_max_iterations=args.jsma_iterations).items()
                 if v is not None}
+        if args.wb_steps or args.wb_search:
+            paper = ExperimentConfig.paper(args.dataset, args.data_dir)
+            s1, s2 = dict(paper.wb_stage1), dict(paper.wb_stage2)
+            if args.wb_steps:
+                s1.update(max_iterations=args.wb_steps, binary_search_steps=1)
+                s2.update(max_iterations=args.wb_steps)
+            if args.wb_search:
+                s2.update(binary_search_steps=args.wb_search)
+            over.update(wb_stage1=s1, wb_stage2=s2)
         cfg = ExperimentConfig.paper(args.dataset, args.data_dir, progress=not args.quiet,
                                      **over)
         run_experiment(cfg)

@@ -1,0 +1,38 @@
+"""benchmarks.summary on a JSON file in pytest-benchmark's format."""
+import json
+
+from benchmarks import summary
+
+
+def _bench(case, role, median, **extra):
+    return {"group": case, "name": role, "stats": {"median": median},
+            "extra_info": {"case": case, "role": role, **extra}}
+
+
+def test_summary_table(tmp_path):
+    data = {"machine_info": {"rce_fast_gpu": "NVIDIA H100 80GB HBM3", "rce_fast_torch": "2.11"},
+            "datetime": "2026-11-25",
+            "benchmarks": [
+                _bench("rce_loss 4096x32000 bf16", "rce_fast", 1e-3, bytes=3 * 4096 * 32000 * 2,
+                       target_baseline="eager reference", target_ratio=2.0),
+                _bench("rce_loss 4096x32000 bf16", "eager reference", 3e-3,
+                       bytes=3 * 4096 * 32000 * 2, target_baseline="eager reference",
+                       target_ratio=2.0),
+                _bench("kdensity N=M=100k", "rce_fast", 0.5, pairs=1e9, dim=64),
+                _bench("attack C&W CE", "rce_fast", 2.0, per_image_of=100, paper_seconds=45.0),
+                _bench("vs torchattacks CW", "rce_fast", 2.0, target_baseline="torchattacks",
+                       target_ratio=3.0),
+                _bench("vs torchattacks CW", "torchattacks", 3.0,
+                       target_baseline="torchattacks", target_ratio=3.0),
+            ]}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "t.md"
+    assert summary.main([str(path), "-o", str(out)]) == 0
+    table = out.read_text()
+    assert "| rce_loss 4096x32000 bf16 | 1.00 ms | eager reference | 3.00 ms | 3.00x | >= 2x met" \
+        in table
+    assert "786 GB/s (23% of peak bandwidth)" in table
+    assert "2e+09 pairs/s" in table and "of 3xTF32 peak" in table
+    assert ">= 3x **missed**" in table
+    assert "| attack C&W CE | 20.00 ms | 45.00 s |" in table
