@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import rce_fast
 from rce_fast.models import Classifier, build_model
-from tests.helpers import digits_tensors
+from tests.helpers import MLP, digits_tensors
 
 MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -28,23 +28,6 @@ def mnist_sized_data():
     return x[:1500], y[:1500], x[1500:], y[1500:], "digits28"
 
 
-class MLP(torch.nn.Module):
-    def __init__(self, hidden: int = 256):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden),
-                                        torch.nn.LeakyReLU(0.1))
-        self.fc = torch.nn.Linear(hidden, 10)
-
-    def forward_features(self, x):
-        return self.body(x)
-
-    def head(self, f):
-        return self.fc(f)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-
-
 @functools.lru_cache(maxsize=None)
 def mnist_sized_model(kind: str = "mlp", objective: str = "ce", steps: int = 300,
                       device: str = "cpu"):
@@ -54,7 +37,7 @@ def mnist_sized_model(kind: str = "mlp", objective: str = "ce", steps: int = 300
     "resnet32", ...)."""
     x_tr, y_tr, _, _, _ = mnist_sized_data()
     torch.manual_seed(0)
-    net = MLP() if kind == "mlp" else build_model(kind, in_channels=1)
+    net = MLP(784, 256) if kind == "mlp" else build_model(kind, in_channels=1)
     net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     loss_fn = rce_fast.RCELoss() if objective == "rce" else torch.nn.CrossEntropyLoss()

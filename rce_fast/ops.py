@@ -29,14 +29,22 @@ from . import _backend, _ext, _torch_impl
 # ----------------------------------------------------------------------------- RCE loss
 
 
-def _rce_triton_why_not(logits: Tensor, **_) -> str | None:
-    why = _backend.triton_device_reason(logits.device)
+def _triton_why_not(kernel_module: str, t: Tensor) -> str | None:
+    """None when the Triton kernels of ``rce_fast.kernels.<kernel_module>`` can take ``t``."""
+    why = _backend.triton_device_reason(t.device)
     if why is not None:
         return why
-    from rce_fast.kernels import rce_loss as k
-    if logits.dtype not in k.SUPPORTED_DTYPES:
-        return f"dtype {logits.dtype} is not one of {k.SUPPORTED_DTYPES}"
+    import importlib
+    k = importlib.import_module(f"rce_fast.kernels.{kernel_module}")
+    if t.dtype not in k.SUPPORTED_DTYPES:
+        return f"dtype {t.dtype} is not one of {k.SUPPORTED_DTYPES}"
+    if t.dim() == 2 and t.shape[1] > getattr(k, "MAX_DIM", float("inf")):
+        return f"feature size {t.shape[1]} > {k.MAX_DIM}"
     return None
+
+
+def _rce_triton_why_not(logits: Tensor, **_) -> str | None:
+    return _triton_why_not("rce_loss", logits)
 
 
 def _rce_triton_forward(*args):
@@ -216,15 +224,7 @@ def rce_loss_reduced(logits: Tensor, target: Tensor, ignore_index: int, inv_temp
 
 
 def _kd_triton_why_not(q: Tensor, **_) -> str | None:
-    why = _backend.triton_device_reason(q.device)
-    if why is not None:
-        return why
-    from rce_fast.kernels import kdensity as k
-    if q.dtype not in k.SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not one of {k.SUPPORTED_DTYPES}"
-    if q.shape[1] > k.MAX_DIM:
-        return f"feature size {q.shape[1]} > {k.MAX_DIM}"
-    return None
+    return _triton_why_not("kdensity", q)
 
 
 def _kd_triton(name):

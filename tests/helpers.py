@@ -28,13 +28,13 @@ class Decision(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    """64-128-10 MLP with the forward_features / head split rce_fast.models expects."""
+    """in-hidden-10 MLP with the forward_features / head split rce_fast.models expects."""
 
-    def __init__(self):
+    def __init__(self, in_features: int = 64, hidden: int = 128):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128),
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, hidden),
                                         torch.nn.LeakyReLU(0.1))
-        self.fc = torch.nn.Linear(128, 10)
+        self.fc = torch.nn.Linear(hidden, 10)
 
     def forward_features(self, x):
         return self.body(x)
