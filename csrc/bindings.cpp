@@ -5,11 +5,32 @@
 #include <cstdint>
 
 #include "jsma.h"
+#include "rce.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "rce_fast compiled kernels: the JSMA saliency pair search (CPU, CUDA)";
+  m.doc() = "rce_fast compiled kernels: the JSMA pair search (CPU, CUDA), the fused RCE loss (CPU)";
+  m.def(
+      "rce_forward_cpu",
+      [](uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n, int64_t L,
+         int64_t stride, int64_t ignore_index, double inv_t, bool is_double, int threads) {
+        rce_fast::rce_forward_cpu(reinterpret_cast<const void*>(z),
+                                  reinterpret_cast<const int64_t*>(target),
+                                  reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse),
+                                  n, L, stride, ignore_index, inv_t, is_double, threads);
+      });
+  m.def(
+      "rce_backward_cpu",
+      [](uintptr_t grad_rows, uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t grad,
+         int64_t n, int64_t L, int64_t stride, int64_t ignore_index, double inv_t,
+         bool is_double, int threads) {
+        rce_fast::rce_backward_cpu(
+            reinterpret_cast<const void*>(grad_rows), reinterpret_cast<const void*>(z),
+            reinterpret_cast<const int64_t*>(target), reinterpret_cast<const void*>(lse),
+            reinterpret_cast<void*>(grad), n, L, stride, ignore_index, inv_t, is_double,
+            threads);
+      });
   m.def(
       "jsma_pairs_cpu",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, int64_t batch,

@@ -57,12 +57,61 @@ def _rce_triton_backward(*args):
     return k.rce_backward(*args)
 
 
+# The fused C++ loss pays off where per-op dispatch dominates: small inputs with few
+# classes (its exp is scalar; PyTorch's vectorised exp wins on wide rows).
+_COMPILED_RCE_MAX_ELEMS = 16384
+_COMPILED_RCE_MAX_CLASSES = 256
+
+
+def _rce_compiled_why_not(logits: Tensor, **_) -> str | None:
+    if _backend.get_backend() != "auto":
+        return f"backend {_backend.get_backend()!r} selected"
+    module, why = _ext.load()
+    if module is None:
+        return why
+    if logits.device.type != "cpu":
+        return "the fused C++ loss is CPU-only"
+    if logits.dtype not in (torch.float32, torch.float64):
+        return f"dtype {logits.dtype} is not float32 / float64"
+    if logits.numel() > _COMPILED_RCE_MAX_ELEMS or logits.shape[1] > _COMPILED_RCE_MAX_CLASSES:
+        return "input larger than the fused C++ loss's range (PyTorch is faster there)"
+    return None
+
+
+def _rce_compiled_forward(logits, target, ignore_index, inv_temperature):
+    module, _ = _ext.load()
+    z = logits if logits.stride(1) == 1 else logits.contiguous()
+    target = target.contiguous()
+    n, num_classes = z.shape
+    loss = torch.empty(n, dtype=z.dtype)
+    lse = torch.empty(n, dtype=z.dtype)
+    module.rce_forward_cpu(z.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(),
+                           n, num_classes, z.stride(0), ignore_index, inv_temperature,
+                           z.dtype == torch.float64, torch.get_num_threads())
+    return loss, lse
+
+
+def _rce_compiled_backward(grad_rows, logits, target, lse, ignore_index, inv_temperature):
+    module, _ = _ext.load()
+    z = logits if logits.stride(1) == 1 else logits.contiguous()
+    target, lse = target.contiguous(), lse.contiguous()
+    grad_rows = grad_rows.to(z.dtype).contiguous()
+    grad = torch.empty(z.shape, dtype=z.dtype)
+    module.rce_backward_cpu(grad_rows.data_ptr(), z.data_ptr(), target.data_ptr(),
+                            lse.data_ptr(), grad.data_ptr(), z.shape[0], z.shape[1],
+                            z.stride(0), ignore_index, inv_temperature,
+                            z.dtype == torch.float64, torch.get_num_threads())
+    return grad
+
+
 _RCE_FORWARD = [
     _backend.Impl("triton", _rce_triton_why_not, _rce_triton_forward),
+    _backend.Impl("compiled", _rce_compiled_why_not, _rce_compiled_forward),
     _backend.Impl("torch", lambda **_: None, _torch_impl.rce_forward),
 ]
 _RCE_BACKWARD = [
     _backend.Impl("triton", _rce_triton_why_not, _rce_triton_backward),
+    _backend.Impl("compiled", _rce_compiled_why_not, _rce_compiled_backward),
     _backend.Impl("torch", lambda **_: None, _torch_impl.rce_backward),
 ]
 
@@ -160,7 +209,8 @@ class RCELossFunction(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, inv_temperature, reduction):
         n, num_classes = logits.shape
         small = (logits.device.type == "cpu" and _backend.get_backend() != "triton"
-                 and logits.numel() <= _torch_impl.SMALL_ELEMS and n > 0)
+                 and logits.numel() <= _torch_impl.SMALL_ELEMS and n > 0
+                 and _rce_compiled_why_not(logits) is not None)  # fused C++ takes precedence
         if small:
             rows, logp, label, keep, labels_ok = _torch_impl.rce_forward_small(
                 logits, target, ignore_index, inv_temperature)

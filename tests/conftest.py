@@ -31,6 +31,7 @@ def pytest_collection_modifyitems(config, items):
 def _devices_and_backends():
     """(device, backend) pairs every kernel test runs on."""
     pairs = [pytest.param(("cpu", "torch"), id="cpu-torch"),
+             pytest.param(("cpu", "auto"), id="cpu-auto"),  # the fused C++ loss where it fits
              pytest.param(("cpu", "torch_chunked"), id="cpu-torch_chunked"),
              pytest.param(("cpu", "triton"), id="cpu-triton_interp")]
     pairs.append(pytest.param(("cuda", "auto"), id="cuda", marks=pytest.mark.gpu))

@@ -349,3 +349,24 @@ def test_range_check_runs_before_any_kernel(monkeypatch):
     with pytest.raises(ValueError, match="class index 3"):
         rce_fast.rce_loss(torch.randn(2, 3), torch.tensor([0, 3]))
     assert not called
+
+
+def test_fused_cpu_loss_is_picked_for_small_inputs_only():
+    from rce_fast import _ext
+    if _ext.load()[0] is None:
+        pytest.skip("rce_fast._C is not built")
+    small = torch.randn(128, 10)
+    wide = torch.randn(64, 1000)
+    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "compiled"
+    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=wide).name == "torch"
+    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small.half()).name == "torch"
+    with rce_fast.use_backend("torch"):
+        assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "torch"
+    # and it is what rce_loss runs: same numbers as the PyTorch path
+    y = torch.randint(0, 10, (128,))
+    zz = small.clone().requires_grad_(True)
+    rce_fast.rce_loss(zz, y, temperature=1.5).backward()
+    with rce_fast.use_backend("torch"):
+        zt = small.clone().requires_grad_(True)
+        rce_fast.rce_loss(zt, y, temperature=1.5).backward()
+    torch.testing.assert_close(zz.grad, zt.grad, rtol=1e-5, atol=1e-7)
