@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every attack on test images, fit the K-density detector, "
                                    "and write report.md, results.json and PNG plots.")
     d.add_argument("--out", default="rce_fast_demo", help="output folder (default: %(default)s)")
-    d.add_argument("--steps", type=_positive_int, default=1500,
-                   help="training steps per model (default: %(default)s)")
-    d.add_argument("--n-attack", type=_positive_int, default=300,
-                   help="test images attacked per model (default: %(default)s)")
+    d.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps per model (default: 4000)")
+    d.add_argument("--n-attack", type=_positive_int, default=None,
+                   help="test images attacked per model (default: all 540 test images)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                                                   "available, else cpu)")
     d.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
@@ -169,9 +169,10 @@ def _run(args) -> int:
     from .experiment import ExperimentConfig, run_experiment
 
     if args.command == "demo":
-        cfg = ExperimentConfig.demo(out=args.out, steps=args.steps, n_attack=args.n_attack,
-                                    device=args.device, seed=args.seed,
-                                    progress=not args.quiet)
+        over = {k: v for k, v in dict(steps=args.steps, n_attack=args.n_attack).items()
+                if v is not None}
+        cfg = ExperimentConfig.demo(out=args.out, device=args.device, seed=args.seed,
+                                    progress=not args.quiet, **over)
         _device(args.device)
         run_experiment(cfg)
         print(f"\nreport: {Path(args.out) / 'report.md'}")

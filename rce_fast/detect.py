@@ -395,33 +395,58 @@ def auc(pos_scores, neg_scores) -> float:
     neg = np.asarray(neg_scores, dtype=np.float64).ravel()
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties
-    _, start, counts = np.unique(sorted_v, return_index=True, return_counts=True)
-    avg = start + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
+    ranks = _midranks(np.concatenate([pos, neg]))
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def _midranks(v: np.ndarray) -> np.ndarray:
+    """1-based ranks of v, ties sharing their average rank."""
+    order = np.argsort(v, kind="mergesort")
+    _, start, counts = np.unique(v[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(v))
+    ranks[order] = np.repeat(start + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def auc_standard_error(pos_scores, neg_scores) -> float:
+    """Standard error of :func:`auc` from the scores themselves (DeLong et al. 1988).
+
+    Two AUCs from independent samples differ by noise alone when their gap is within
+    about 2 * sqrt(se1^2 + se2^2). nan with fewer than two scores on either side.
+    """
+    pos = np.asarray(pos_scores, dtype=np.float64).ravel()
+    neg = np.asarray(neg_scores, dtype=np.float64).ravel()
+    m, n = len(pos), len(neg)
+    if m < 2 or n < 2:
+        return float("nan")
+    both = _midranks(np.concatenate([pos, neg]))
+    v10 = (both[:m] - _midranks(pos)) / n          # share of negatives below each positive
+    v01 = 1.0 - (both[m:] - _midranks(neg)) / m    # share of positives above each negative
+    return float(math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
+
+
 def paper_auc(clean_scores: dict, adv_scores: dict, labels: Tensor, clean_pred: Tensor,
-              adv_pred: Tensor) -> dict:
+              adv_pred: Tensor, standard_errors: bool = False) -> dict:
     """The paper's Table 2 protocol.
 
     Keeps index pairs whose clean example is classified correctly AND whose adversarial
     counterpart is misclassified; normal = positive; AUC per metric. ``clean_scores`` and
     ``adv_scores`` map metric name -> (N,) scores (higher = more normal).
-    Returns {"n": pairs kept, metric: AUC, ...} (AUC nan when no pair is kept).
+    Returns {"n": pairs kept, metric: AUC, ...} (AUC nan when no pair is kept); with
+    ``standard_errors=True`` also "se": {metric: DeLong standard error of that AUC}.
     """
     keep = ((clean_pred == labels) & (adv_pred != labels)).cpu()
     out = {"n": int(keep.sum())}
+    se = {}
     for name, clean in clean_scores.items():
         if name not in adv_scores:
             raise ValueError(f"adv_scores has no {name!r} entry")
         if clean.shape != keep.shape or adv_scores[name].shape != keep.shape:
             raise ValueError(f"scores for {name!r} must have shape {tuple(keep.shape)}")
-        out[name] = auc(clean.detach().cpu()[keep].double().numpy(),
-                        adv_scores[name].detach().cpu()[keep].double().numpy())
+        pos = clean.detach().cpu()[keep].double().numpy()
+        neg = adv_scores[name].detach().cpu()[keep].double().numpy()
+        out[name] = auc(pos, neg)
+        se[name] = auc_standard_error(pos, neg)
+    if standard_errors:
+        out["se"] = se
     return out

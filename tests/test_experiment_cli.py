@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rce_fast.cli import build_parser, main
-from rce_fast.experiment import ATTACKS, ExperimentConfig, run_experiment
+from rce_fast.experiment import (ATTACKS, ExperimentConfig, compare_kd, render_report,
+                                 run_experiment)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,10 @@ def test_tiny_end_to_end_writes_every_file_with_sane_values(tiny_run):
             for metric, v in a["auc"].items():
                 assert v is None or 0.0 <= v <= 1.0, (obj, name, metric, v)
         assert 0.0 <= m["attacks"]["C&W-wb"]["f2_positive_ratio"] <= 1.0
+        for name, a in m["attacks"].items():
+            se = a["auc_se"]["K-density"]
+            assert se is None or 0.0 <= se < 0.5, (obj, name, se)
+    assert set(saved["kd_comparison"]) == set(ATTACKS)
     report = (out / "report.md").read_text()
     for heading in ("Table 1 layout", "Table 2 layout", "C&W-wb", "Time per adversarial",
                     "RAND"):
@@ -45,6 +50,30 @@ def test_tiny_end_to_end_writes_every_file_with_sane_values(tiny_run):
     # the FGSM row of Table 2 matches results.json
     fgsm = saved["models"]["rce"]["attacks"]["FGSM"]["auc"]["confidence"]
     assert (f"{fgsm:.3f}" if fgsm is not None else "n/a") in report
+
+
+def test_kd_comparison_separates_noise_from_real_gaps(tiny_run):
+    _, results, _ = tiny_run
+    models = {obj: {**m, "attacks": {k: dict(v) for k, v in m["attacks"].items()}}
+              for obj, m in results["models"].items()}
+
+    def put(name, ce, rce, se):
+        for obj, a in (("ce", ce), ("rce", rce)):
+            models[obj]["attacks"][name].update(pairs=100, auc={**models[obj]["attacks"][
+                name]["auc"], "K-density": a}, auc_se={"K-density": se})
+    put("FGSM", 0.90, 0.95, 0.01)       # higher
+    put("BIM", 0.95, 0.95, 0.01)        # equal counts as at or above
+    put("ILCM", 0.95, 0.93, 0.01)       # lower by 0.02 < 2 * sqrt(2) * 0.01: noise
+    put("JSMA", 0.99, 0.90, 0.01)       # lower by 0.09: real
+    put("C&W", 0.99, float("nan"), 0.01)
+    cmp = compare_kd(models)
+    assert [cmp[a][0] for a in ("FGSM", "BIM", "ILCM", "JSMA", "C&W")] == [
+        "at_or_above", "at_or_above", "within_noise", "below", "undefined"]
+    assert cmp["ILCM"][2] == pytest.approx(2 * 2 ** 0.5 * 0.01)
+    report = render_report({**results, "models": models})
+    assert "NOT at or above (RCE lower by more than two standard errors): JSMA (-0.090" in report
+    assert "ILCM (-0.020, 2 SE = 0.028)" in report
+    assert "no AUC" in report and "C&W" in report
 
 
 def test_checkpoints_are_reused(tiny_run, tmp_path):
