@@ -25,6 +25,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _eps(text: str) -> float:
     value = float(text)
     if not (0 <= value < float("inf")):
@@ -69,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C&W iterations per binary-search step (default: 10000)")
     r.add_argument("--cw-search", type=_positive_int, default=None,
                    help="C&W binary-search steps (default: 9)")
+    r.add_argument("--cw-c-init", type=_positive_float, default=None,
+                   help="C&W initial c of the binary search (default: 1e-3, the paper's; "
+                        "with few steps per search step, 1 wastes fewer of them)")
     r.add_argument("--wb-steps", type=_positive_int, default=None,
                    help="C&W-wb iterations per search step, both stages (default: 5000 / "
                         "10000 as in the release)")
@@ -117,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n", type=_positive_int, default=1000, help="test images (default: 1000)")
     a.add_argument("--cw-steps", type=_positive_int, default=1000, help="C&W iterations")
     a.add_argument("--cw-search", type=_positive_int, default=9, help="C&W search steps")
+    a.add_argument("--cw-c-init", type=_positive_float, default=1e-3,
+                   help="C&W initial c (default: %(default)s)")
     a.add_argument("--gamma", type=float, default=0.1, help="JSMA max fraction changed")
     a.add_argument("--out", required=True, help="output .pt with x_adv, labels, info")
     a.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -181,7 +193,8 @@ def _run(args) -> int:
         _device(args.device)
         over = {k: v for k, v in dict(model=args.model, steps=args.steps,
                                       n_attack=args.n_attack, cw_steps=args.cw_steps,
-                                      cw_search=args.cw_search, out=args.out,
+                                      cw_search=args.cw_search, cw_c_init=args.cw_c_init,
+                                      out=args.out,
                                       device=args.device, seed=args.seed,
                                       jsma_max_iterations=args.jsma_iterations).items()
                 if v is not None}
@@ -224,6 +237,7 @@ def _run(args) -> int:
         from . import attacks as A
         x, y = x_te[:args.n].to(device), y_te[:args.n]
         cw = dict(binary_search_steps=args.cw_search, max_iterations=args.cw_steps,
+                  c_init=args.cw_c_init,
                   seed=args.seed, return_info=True)
         runs = {"fgsm": lambda: A.fgsm(model, x, args.eps, return_info=True),
                 "bim": lambda: A.bim(model, x, args.eps, return_info=True),

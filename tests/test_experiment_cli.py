@@ -104,6 +104,8 @@ def test_help_explains_every_command():
     (["demo", "--steps", "0"], "positive integer"),
     (["reproduce", "--dataset", "svhn", "--data-dir", "x"], "invalid choice"),
     (["reproduce", "--dataset", "mnist"], "--data-dir"),
+    (["reproduce", "--dataset", "mnist", "--data-dir", "x", "--cw-c-init", "0"],
+     "must be a finite number > 0"),
     (["attack", "--checkpoint", "c.pt", "--attack", "fgsm", "--out", "o.pt", "--eps", "-1"],
      "must be a finite number >= 0"),
 ])
