@@ -9,7 +9,13 @@ iterations, two-stage C&W-wb). ``--bench-model`` picks the network (default: a
 
 Against torchattacks (installed --no-deps) on the same model and inputs: FGSM and BIM
 (target on CPU: no slower) and CW at the same number of optimisation steps (target on
-CPU: >= 3x the examples per second).
+CPU: >= 3x the examples per second). Beside them, the "model floor": the same number of
+model forward + input-gradient passes and nothing else, the time no implementation can
+beat. On a 2-core CPU with the 784-256-10 MLP and batch 100 (measured 2026-11-25): the
+floor is 0.54 ms per step, torchattacks' CW 2.0 ms, rce_fast's 1.16 ms (1.7x). The 3x
+target would leave 0.12 ms per step above the floor for the margin, the bookkeeping and
+Adam, less than PyTorch's dispatch of the ~20 small ops they take; it is a GPU-regime
+target (there torchattacks pays per-kernel launches and the floor is far lower).
 """
 import pytest
 import torch
@@ -109,18 +115,35 @@ set_target("vs torchattacks BIM", "torchattacks", 1.0)
 set_target(f"vs torchattacks CW {CW_STEPS} steps", "torchattacks", 3.0)
 
 
-@pytest.mark.parametrize("impl", ["rce_fast", "torchattacks"])
+def _model_floor(model, x, steps):
+    """What every gradient-based attack must pay: ``steps`` forward passes and input-
+    gradient backward passes of the model, nothing else. It bounds the attainable speed-up:
+    a baseline's time over this floor is the most any implementation can gain."""
+    gz = torch.ones(x.shape[0], 10, device=x.device)
+
+    def run():
+        for _ in range(steps):
+            xl = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(model(xl), xl, gz)
+        return g
+    return run
+
+
+@pytest.mark.parametrize("impl", ["rce_fast", "torchattacks", "model floor"])
 @pytest.mark.parametrize("attack", ["FGSM", "BIM", "CW"])
 def test_against_torchattacks(record, setting, attack, impl):
     model, _ = _model_and_detector(setting, "ce")
     _, _, x_te, y_te, _ = mnist_sized_data()
     x, y = x_te[:N_BASE].to(DEVICE), y_te[:N_BASE].to(DEVICE)
+    steps = {"FGSM": 1, "BIM": 10, "CW": CW_STEPS}[attack]
     if impl == "rce_fast":
         fns = {"FGSM": lambda: fgsm(model, x, 0.1, labels=y),
                "BIM": lambda: bim(model, x, 0.1, steps=10, labels=y),
                "CW": lambda: cw_l2(model, x, None, c_init=1.0, binary_search_steps=1,
                                    max_iterations=CW_STEPS, lr=0.01, abort_early=False)}
         fn = fns[attack]
+    elif impl == "model floor":
+        fn = _model_floor(model, x, steps)
     else:
         ta = pytest.importorskip("torchattacks")
         wrapped = _ZeroOne(model)
@@ -133,5 +156,5 @@ def test_against_torchattacks(record, setting, attack, impl):
         def fn():
             return atk(x + 0.5, y) - 0.5
     case = f"vs torchattacks {attack}" + (f" {CW_STEPS} steps" if attack == "CW" else "")
-    adv = record(case, impl, fn, rounds=3 if attack == "CW" else None, per_image_of=N_BASE)
-    assert adv.shape == x.shape
+    out = record(case, impl, fn, rounds=3 if attack == "CW" else None, per_image_of=N_BASE)
+    assert out.shape == x.shape

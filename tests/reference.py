@@ -102,3 +102,33 @@ def jsma_attack_reference(model, x, target, theta=1.0, gamma=0.1, clip=(-0.5, 0.
                 domain[0, f] = False
         out.append(xi.reshape(x.shape[1:]))
     return torch.stack(out)
+
+
+def cw_l2_reference(model, x, target, c, steps, kappa=0.0, lr=1e-2, clip=(-0.5, 0.5)):
+    """Targeted C&W L2 with one fixed c, written plainly (tests only): autograd through the
+    whole loss ||x' - x||^2 + c max(max_{i != t} Z_i - Z_t + kappa, 0) over the tanh
+    variable, torch's Adam, no abort; per example the smallest-L2 iterate classified as
+    the target with margin kappa (the input itself when none was)."""
+    lo, hi = clip
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    x = x.detach().float()
+    w = torch.atanh(((x - mid) / half).clamp(-1 + 1e-6, 1 - 1e-6)).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    best_l2 = torch.full((x.shape[0],), float("inf"))
+    best = x.clone()
+    for _ in range(steps):
+        xp = torch.tanh(w) * half + mid
+        z = model(xp).float()
+        real = z.gather(1, target[:, None]).squeeze(1)
+        other = z.scatter(1, target[:, None], float("-inf")).amax(1)
+        margin = other - real + kappa
+        l2 = ((xp - x) ** 2).flatten(1).sum(1)
+        loss = (l2 + c * margin.clamp(min=0)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            better = (margin <= 0) & (l2 < best_l2)
+            best_l2 = torch.where(better, l2, best_l2)
+            best[better] = xp[better]
+    return best, best_l2
