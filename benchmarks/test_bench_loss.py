@@ -13,7 +13,9 @@ from benchmarks.conftest import DEVICE, HAS_CUDA, set_target
 from tests.reference import rce_loss_reference
 
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-SHAPES = [(128, 10), (8192, 10), (4096, 1000), (1024, 32000), (256, 131072)]
+# The shapes, plus the two its targets name: (8192, 1000) on CPU, (4096, 32000)
+# bf16 on GPU.
+SHAPES = [(128, 10), (8192, 10), (4096, 1000), (8192, 1000), (1024, 32000), (256, 131072)]
 if HAS_CUDA:
     SHAPES.append((4096, 32000))
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -15,22 +15,26 @@ PYBIND11_MODULE(_C, m) {
       "rce_forward_cpu",
       [](uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n, int64_t L,
          int64_t stride, int64_t ignore_index, double inv_t, bool is_double, int threads) {
-        rce_fast::rce_forward_cpu(reinterpret_cast<const void*>(z),
-                                  reinterpret_cast<const int64_t*>(target),
-                                  reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse),
-                                  n, L, stride, ignore_index, inv_t, is_double, threads);
-      });
+        const rce_fast::RceStats st = rce_fast::rce_forward_cpu(
+            reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
+            reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse), n, L, stride,
+            ignore_index, inv_t, is_double, threads);
+        return py::make_tuple(st.loss_sum, st.kept, st.bad_row);
+      },
+      "Per-row loss and lse into the given buffers; returns (sum of losses, kept rows, "
+      "first row with an out-of-range label or -1).");
   m.def(
       "rce_backward_cpu",
-      [](uintptr_t grad_rows, uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t grad,
-         int64_t n, int64_t L, int64_t stride, int64_t ignore_index, double inv_t,
-         bool is_double, int threads) {
+      [](uintptr_t grad_rows, double grad_scale, uintptr_t z, uintptr_t target, uintptr_t lse,
+         uintptr_t grad, int64_t n, int64_t L, int64_t stride, int64_t ignore_index,
+         double inv_t, bool is_double, int threads) {
         rce_fast::rce_backward_cpu(
-            reinterpret_cast<const void*>(grad_rows), reinterpret_cast<const void*>(z),
-            reinterpret_cast<const int64_t*>(target), reinterpret_cast<const void*>(lse),
-            reinterpret_cast<void*>(grad), n, L, stride, ignore_index, inv_t, is_double,
-            threads);
-      });
+            reinterpret_cast<const void*>(grad_rows), grad_scale,
+            reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
+            reinterpret_cast<const void*>(lse), reinterpret_cast<void*>(grad), n, L, stride,
+            ignore_index, inv_t, is_double, threads);
+      },
+      "Gradient into grad; grad_rows = 0 (null) applies grad_scale to every row.");
   m.def(
       "jsma_pairs_cpu",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, int64_t batch,

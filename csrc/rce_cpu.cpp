@@ -4,7 +4,9 @@
 // input is large enough to pay for threads. Same maths as kernels/rce_loss.py:
 //   u = z / T;  lse = logsumexp(u);  loss = lse - (sum_j u_j - u_y) / (L - 1)
 //   grad = g / T * (softmax(u) - R_y),   R_y = 1/(L-1) off the label, 0 at it.
-// Rows whose target equals ignore_index get loss 0 and gradient 0.
+// Rows whose target equals ignore_index get loss 0 and gradient 0. The forward also
+// returns the sum of the losses, the kept-row count and the first out-of-range label, so
+// the small-input path needs no further tensor ops for the reduction or the label check.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -17,12 +19,16 @@ namespace {
 constexpr int64_t kParallelElems = 1 << 16;
 
 template <typename T>
-void forward(const T* z, const int64_t* target, T* loss, T* lse, int64_t n, int64_t L,
-             int64_t stride, int64_t ignore_index, double inv_t, int threads) {
+RceStats forward(const T* z, const int64_t* target, T* loss, T* lse, int64_t n, int64_t L,
+                 int64_t stride, int64_t ignore_index, double inv_t, int threads) {
   const T it = static_cast<T>(inv_t);
   const T inv_lm1 = static_cast<T>(1.0 / static_cast<double>(L - 1));
+  double loss_sum = 0.0;
+  int64_t kept = 0;
+  int64_t bad_row = n;  // min-reduced; n means none
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) if (n * L >= kParallelElems)
+#pragma omp parallel for num_threads(threads) if (n * L >= kParallelElems) \
+    reduction(+ : loss_sum, kept) reduction(min : bad_row)
 #endif
   for (int64_t i = 0; i < n; ++i) {
     const T* row = z + i * stride;
@@ -37,18 +43,29 @@ void forward(const T* z, const int64_t* target, T* loss, T* lse, int64_t n, int6
     }
     const int64_t y = target[i];
     const bool keep = y != ignore_index;
-    const int64_t yc = y < 0 ? 0 : (y >= L ? L - 1 : y);
+    const bool in_range = y >= 0 && y < L;
+    if (keep && !in_range && i < bad_row) bad_row = i;
+    const int64_t yc = in_range ? y : 0;  // never read out of bounds
     const T l = m + std::log(s);
     lse[i] = l;
-    loss[i] = keep ? l - (tot - row[yc] * it) * inv_lm1 : T(0);
+    const T li = keep ? l - (tot - row[yc] * it) * inv_lm1 : T(0);
+    loss[i] = li;
+    loss_sum += static_cast<double>(li);
+    kept += keep ? 1 : 0;
   }
+  RceStats stats;
+  stats.loss_sum = loss_sum;
+  stats.kept = kept;
+  stats.bad_row = bad_row < n ? bad_row : -1;
+  return stats;
 }
 
 template <typename T>
-void backward(const T* grad_rows, const T* z, const int64_t* target, const T* lse, T* grad,
-              int64_t n, int64_t L, int64_t stride, int64_t ignore_index, double inv_t,
-              int threads) {
+void backward(const T* grad_rows, double grad_scale, const T* z, const int64_t* target,
+              const T* lse, T* grad, int64_t n, int64_t L, int64_t stride,
+              int64_t ignore_index, double inv_t, int threads) {
   const T it = static_cast<T>(inv_t);
+  const T uniform = static_cast<T>(grad_scale) * it;
   const T inv_lm1 = static_cast<T>(1.0 / static_cast<double>(L - 1));
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) if (n * L >= kParallelElems)
@@ -61,7 +78,7 @@ void backward(const T* grad_rows, const T* z, const int64_t* target, const T* ls
       for (int64_t j = 0; j < L; ++j) out[j] = T(0);
       continue;
     }
-    const T g = grad_rows[i] * it;
+    const T g = grad_rows != nullptr ? grad_rows[i] * it : uniform;
     const T l = lse[i];
     for (int64_t j = 0; j < L; ++j) out[j] = g * (std::exp(row[j] * it - l) - inv_lm1);
     out[y] += g * inv_lm1;
@@ -70,28 +87,28 @@ void backward(const T* grad_rows, const T* z, const int64_t* target, const T* ls
 
 }  // namespace
 
-void rce_forward_cpu(const void* z, const int64_t* target, void* loss, void* lse, int64_t n,
-                     int64_t L, int64_t stride, int64_t ignore_index, double inv_t,
-                     bool is_double, int threads) {
+RceStats rce_forward_cpu(const void* z, const int64_t* target, void* loss, void* lse,
+                         int64_t n, int64_t L, int64_t stride, int64_t ignore_index,
+                         double inv_t, bool is_double, int threads) {
   if (is_double) {
-    forward(static_cast<const double*>(z), target, static_cast<double*>(loss),
-            static_cast<double*>(lse), n, L, stride, ignore_index, inv_t, threads);
-  } else {
-    forward(static_cast<const float*>(z), target, static_cast<float*>(loss),
-            static_cast<float*>(lse), n, L, stride, ignore_index, inv_t, threads);
+    return forward(static_cast<const double*>(z), target, static_cast<double*>(loss),
+                   static_cast<double*>(lse), n, L, stride, ignore_index, inv_t, threads);
   }
+  return forward(static_cast<const float*>(z), target, static_cast<float*>(loss),
+                 static_cast<float*>(lse), n, L, stride, ignore_index, inv_t, threads);
 }
 
-void rce_backward_cpu(const void* grad_rows, const void* z, const int64_t* target,
-                      const void* lse, void* grad, int64_t n, int64_t L, int64_t stride,
-                      int64_t ignore_index, double inv_t, bool is_double, int threads) {
+void rce_backward_cpu(const void* grad_rows, double grad_scale, const void* z,
+                      const int64_t* target, const void* lse, void* grad, int64_t n, int64_t L,
+                      int64_t stride, int64_t ignore_index, double inv_t, bool is_double,
+                      int threads) {
   if (is_double) {
-    backward(static_cast<const double*>(grad_rows), static_cast<const double*>(z), target,
-             static_cast<const double*>(lse), static_cast<double*>(grad), n, L, stride,
+    backward(static_cast<const double*>(grad_rows), grad_scale, static_cast<const double*>(z),
+             target, static_cast<const double*>(lse), static_cast<double*>(grad), n, L, stride,
              ignore_index, inv_t, threads);
   } else {
-    backward(static_cast<const float*>(grad_rows), static_cast<const float*>(z), target,
-             static_cast<const float*>(lse), static_cast<float*>(grad), n, L, stride,
+    backward(static_cast<const float*>(grad_rows), grad_scale, static_cast<const float*>(z),
+             target, static_cast<const float*>(lse), static_cast<float*>(grad), n, L, stride,
              ignore_index, inv_t, threads);
   }
 }

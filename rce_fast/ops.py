@@ -57,10 +57,14 @@ def _rce_triton_backward(*args):
     return k.rce_backward(*args)
 
 
-# The fused C++ loss pays off where per-op dispatch dominates: small inputs with few
-# classes (its exp is scalar; PyTorch's vectorised exp wins on wide rows).
-_COMPILED_RCE_MAX_ELEMS = 16384
-_COMPILED_RCE_MAX_CLASSES = 256
+# Where the fused C++ loss beats the PyTorch path (fwd + bwd, 2-core CPU, measured):
+# its exp is scalar, so it wins on narrow rows at any N (L = 10: 2.4x at 128 rows, 2.6x
+# at 8192, 1.3x at 262,144) and on small batches of moderately wide rows, where per-op
+# dispatch dominates (128 x 64: 1.3x); PyTorch's vectorised exp wins from L = 16 at
+# N >= 2048 (0.8x) and on 128 x 256 (0.8x).
+_COMPILED_RCE_ANY_N_MAX_CLASSES = 12
+_COMPILED_RCE_MAX_ELEMS = 8192
+_COMPILED_RCE_MAX_CLASSES = 64
 
 
 def _rce_compiled_why_not(logits: Tensor, **_) -> str | None:
@@ -73,31 +77,44 @@ def _rce_compiled_why_not(logits: Tensor, **_) -> str | None:
         return "the fused C++ loss is CPU-only"
     if logits.dtype not in (torch.float32, torch.float64):
         return f"dtype {logits.dtype} is not float32 / float64"
-    if logits.numel() > _COMPILED_RCE_MAX_ELEMS or logits.shape[1] > _COMPILED_RCE_MAX_CLASSES:
-        return "input larger than the fused C++ loss's range (PyTorch is faster there)"
+    num_classes = logits.shape[1]
+    if num_classes > _COMPILED_RCE_ANY_N_MAX_CLASSES and (
+            logits.numel() > _COMPILED_RCE_MAX_ELEMS or num_classes > _COMPILED_RCE_MAX_CLASSES):
+        return "input outside the fused C++ loss's range (PyTorch is faster there)"
     return None
 
 
-def _rce_compiled_forward(logits, target, ignore_index, inv_temperature):
+def _rce_compiled_forward_stats(logits, target, ignore_index, inv_temperature):
+    """(loss rows, lse, sum of losses, kept rows, first bad-label row or -1)."""
     module, _ = _ext.load()
     z = logits if logits.stride(1) == 1 else logits.contiguous()
     target = target.contiguous()
     n, num_classes = z.shape
     loss = torch.empty(n, dtype=z.dtype)
     lse = torch.empty(n, dtype=z.dtype)
-    module.rce_forward_cpu(z.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(),
-                           n, num_classes, z.stride(0), ignore_index, inv_temperature,
-                           z.dtype == torch.float64, torch.get_num_threads())
-    return loss, lse
+    total, kept, bad = module.rce_forward_cpu(
+        z.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, num_classes,
+        z.stride(0), ignore_index, inv_temperature, z.dtype == torch.float64,
+        torch.get_num_threads())
+    return loss, lse, total, kept, bad
 
 
-def _rce_compiled_backward(grad_rows, logits, target, lse, ignore_index, inv_temperature):
+def _rce_compiled_forward(logits, target, ignore_index, inv_temperature):
+    return _rce_compiled_forward_stats(logits, target, ignore_index, inv_temperature)[:2]
+
+
+def _rce_compiled_backward(grad_rows, logits, target, lse, ignore_index, inv_temperature,
+                           grad_scale: float = 1.0):
+    """``grad_rows`` (N,) upstream gradients, or None for ``grad_scale`` on every row."""
     module, _ = _ext.load()
     z = logits if logits.stride(1) == 1 else logits.contiguous()
     target, lse = target.contiguous(), lse.contiguous()
-    grad_rows = grad_rows.to(z.dtype).contiguous()
+    rows_ptr = 0
+    if grad_rows is not None:
+        grad_rows = grad_rows.to(z.dtype).contiguous()
+        rows_ptr = grad_rows.data_ptr()
     grad = torch.empty(z.shape, dtype=z.dtype)
-    module.rce_backward_cpu(grad_rows.data_ptr(), z.data_ptr(), target.data_ptr(),
+    module.rce_backward_cpu(rows_ptr, float(grad_scale), z.data_ptr(), target.data_ptr(),
                             lse.data_ptr(), grad.data_ptr(), z.shape[0], z.shape[1],
                             z.stride(0), ignore_index, inv_temperature,
                             z.dtype == torch.float64, torch.get_num_threads())
@@ -208,15 +225,31 @@ class RCELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, inv_temperature, reduction):
         n, num_classes = logits.shape
+        ctx.mode, ctx.n, ctx.dtype = "general", n, logits.dtype
+        ctx.ignore_index, ctx.inv_temperature, ctx.reduction = (ignore_index, inv_temperature,
+                                                                reduction)
+        if n > 0 and _rce_compiled_why_not(logits) is None:
+            # Fused C++ loss: it also sums the losses, counts the kept rows and flags
+            # labels out of range, so no further tensor op runs.
+            rows, lse, total, kept, bad = _rce_compiled_forward_stats(
+                logits, target, ignore_index, inv_temperature)
+            if bad >= 0:
+                check_class_indices(target, num_classes, ignore_index)  # raises, with detail
+            ctx.mode, ctx.kept = "compiled", kept
+            ctx.save_for_backward(logits, lse, target)
+            if reduction == "none":
+                return rows
+            value = total if reduction == "sum" else (total / kept if kept else float("nan"))
+            return torch.tensor(value, dtype=rows.dtype)
         small = (logits.device.type == "cpu" and _backend.get_backend() != "triton"
-                 and logits.numel() <= _torch_impl.SMALL_ELEMS and n > 0
-                 and _rce_compiled_why_not(logits) is not None)  # fused C++ takes precedence
+                 and logits.numel() <= _torch_impl.SMALL_ELEMS and n > 0)
         if small:
             rows, logp, label, keep, labels_ok = _torch_impl.rce_forward_small(
                 logits, target, ignore_index, inv_temperature)
             if not bool(labels_ok):
                 check_class_indices(target, num_classes, ignore_index)  # raises, with detail
             saved = (logp, label, keep)
+            ctx.mode = "small"
         else:
             rows, lse = rce_loss_forward_impl(logits, target, ignore_index, inv_temperature)
             keep = target != ignore_index if reduction == "mean" else None
@@ -229,17 +262,26 @@ class RCELossFunction(torch.autograd.Function):
         else:
             out = rows.sum() / count  # no rows left -> nan, like cross_entropy
         ctx.save_for_backward(count, *saved)
-        ctx.small, ctx.n, ctx.dtype = small, n, logits.dtype
-        ctx.ignore_index, ctx.inv_temperature, ctx.reduction = (ignore_index, inv_temperature,
-                                                                reduction)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.mode == "compiled":
+            logits, lse, target = ctx.saved_tensors
+            if ctx.reduction == "none":
+                grad = _rce_compiled_backward(grad_out, logits, target, lse, ctx.ignore_index,
+                                              ctx.inv_temperature)
+            else:
+                scale = float(grad_out)
+                if ctx.reduction == "mean":
+                    scale = scale / ctx.kept if ctx.kept else float("nan")
+                grad = _rce_compiled_backward(None, logits, target, lse, ctx.ignore_index,
+                                              ctx.inv_temperature, grad_scale=scale)
+            return grad, None, None, None, None
         count, a, b, c = ctx.saved_tensors
         if ctx.reduction == "mean":
             grad_out = grad_out / count
-        if ctx.small:
+        if ctx.mode == "small":
             scale = grad_out * ctx.inv_temperature
             if ctx.reduction == "none":
                 scale = scale.unsqueeze(1)

@@ -359,6 +359,12 @@ def test_fused_cpu_loss_is_picked_for_small_inputs_only():
     wide = torch.randn(64, 1000)
     assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "compiled"
     assert ops._backend.pick("t", ops._RCE_FORWARD, logits=wide).name == "torch"
+    # the measured ranges: narrow rows at any N, moderately wide rows in small batches
+    for shape, name in (((8192, 10), "compiled"), ((100_000, 12), "compiled"),
+                        ((128, 64), "compiled"), ((2048, 16), "torch"),
+                        ((128, 256), "torch"), ((256, 65), "torch")):
+        got = ops._backend.pick("t", ops._RCE_FORWARD, logits=torch.empty(shape)).name
+        assert got == name, (shape, got)
     assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small.half()).name == "torch"
     with rce_fast.use_backend("torch"):
         assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "torch"
