@@ -33,8 +33,8 @@ def test_pair_search_op(record, impl):
                                                            d.to(DEVICE)),
            "brute-force reference": lambda: jsma_pairs_reference(a, b, d, True)}
     out = record(OP_CASE, impl, fns[impl], rounds=3 if impl != "rce_fast" else None)
-    assert torch.equal(out.cpu(), jsma_pairs_reference(a[:2], b[:2], d[:2], True).new_tensor(
-        out.cpu().tolist()))
+    if impl == "rce_fast":  # the timed op returns the brute force's pairs, tie-breaks included
+        assert torch.equal(out.cpu(), jsma_pairs_reference(a, b, d, True))
 
 
 def _inputs():
