@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -59,7 +59,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rce_fast", "rce_fast.kernels"],
+    # every package under rce_fast/ (found, so a new subpackage cannot be left out of
+    # the wheel), plus kernels/ mapped into the namespace
+    packages=find_packages(include=["rce_fast", "rce_fast.*"]) + ["rce_fast.kernels"],
     package_dir={"rce_fast": "rce_fast", "rce_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

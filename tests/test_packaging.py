@@ -1,0 +1,48 @@
+"""The build ships every package: `pip install .` (not only `-e .`) gives a working
+rce_fast. setup.py is run with setuptools.setup captured, so no build is needed."""
+import pathlib
+import runpy
+
+import setuptools
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _setup_kwargs(monkeypatch):
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    return captured
+
+
+def test_every_package_and_the_kernels_are_shipped(monkeypatch):
+    kw = _setup_kwargs(monkeypatch)
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "rce_fast").rglob("__init__.py")}
+    assert on_disk and on_disk <= set(kw["packages"]), sorted(on_disk - set(kw["packages"]))
+    # kernels/ (top level in the repository) installs as rce_fast.kernels, never `kernels`
+    assert "rce_fast.kernels" in kw["packages"] and "kernels" not in kw["packages"]
+    assert kw["package_dir"]["rce_fast.kernels"] == "kernels"
+    assert (ROOT / "kernels" / "__init__.py").is_file()
+    assert [e.name for e in kw["ext_modules"]] == ["rce_fast._C"]
+    assert kw["entry_points"]["console_scripts"] == ["rce-fast = rce_fast.cli:main"]
+
+
+def test_no_unpinned_cuda_torch_and_declared_dependencies(monkeypatch):
+    kw = _setup_kwargs(monkeypatch)
+    names = {r.split(">")[0].split("=")[0].split(";")[0].strip() for r in kw["install_requires"]}
+    assert {"torch", "numpy", "scikit-learn", "tqdm", "matplotlib", "triton"} <= names
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    assert "torch==2.13.0" in install  # the CPU build; never an unpinned CUDA torch
+    assert "bash scripts/install.sh" in ci
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    command = ci_lines[-1]
+    assert command.startswith("python3 -m pytest")
+    assert f"\n   {command}\n" in readme or f"\n{command}\n" in readme
