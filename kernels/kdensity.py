@@ -85,7 +85,8 @@ def _kd_fwd_kernel(Q, B, QN, BN, QOFF, BOFF, TSTART, TCLASS, LSE, D, stride_q, s
         m_new = tl.maximum(m, tl.max(logit, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(LSE + rows, m + tl.log(s), mask=row_ok)
+    # rows past the tile end have s = 0: log 1 instead (masked off, no -inf - -inf)
+    tl.store(LSE + rows, m + tl.log(tl.where(row_ok, s, 1.0)), mask=row_ok)
 
 
 @triton.jit
