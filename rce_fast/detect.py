@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.rce_fast.kdensity_*)
-from ._torch_impl import acc_dtype
+from ._torch_impl import acc_dtype, all_finite
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Kernel widths sigma2 of the authors' release, by training objective.
@@ -39,7 +39,7 @@ def _check_features(x, name: str, dim: int | None = None) -> None:
         raise ValueError(f"{name} must have shape (rows, D), got {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has feature size {x.shape[1]}, expected {dim} (the bank's)")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
 

@@ -306,3 +306,18 @@ def test_cw_wb_needs_medians_and_features(batch, rce_detector):
     with pytest.raises(TypeError, match="logits_and_features"):
         cw_wb(plain, x[:2], "random", det, stage1=False,
               stage2={"max_iterations": 2, "binary_search_steps": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+def test_finite_check_sees_every_nan_and_inf(dtype):
+    from rce_fast._torch_impl import all_finite
+    x = torch.rand(6, 1, 5, 5).to(dtype) - 0.5
+    assert all_finite(x) and all_finite(x[:, :, ::2]) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in ((0, 0, 0, 0), (3, 0, 2, 4), (5, 0, 4, 4)):
+            y = x.clone()
+            y[pos] = bad
+            assert not all_finite(y), (bad, pos)
+            with pytest.raises(ValueError, match="NaN or inf"):
+                fgsm(torch.nn.Flatten(), y, 0.1)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from .._torch_impl import all_finite
+
 
 @dataclass
 class AttackInfo:
@@ -44,7 +46,7 @@ def check_images(x, name: str = "x") -> None:
         raise ValueError(f"{name} must be a batch of shape (B, ...), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
