@@ -446,7 +446,8 @@ def paper_auc(clean_scores: dict, adv_scores: dict, labels: Tensor, clean_pred: 
         pos = clean.detach().cpu()[keep].double().numpy()
         neg = adv_scores[name].detach().cpu()[keep].double().numpy()
         out[name] = auc(pos, neg)
-        se[name] = auc_standard_error(pos, neg)
+        if standard_errors:
+            se[name] = auc_standard_error(pos, neg)
     if standard_errors:
         out["se"] = se
     return out

@@ -25,26 +25,26 @@ except ImportError:  # pragma: no cover - every torch this package supports has 
 _BIG = 1e10
 
 
-def _margin(z: Tensor, cls: Tensor, targeted: bool) -> Tensor:
-    """Targeted: max_{i != t} Z_i - Z_t. Untargeted (cls = label): Z_y - max_{i != y} Z_i."""
+def _margin(z: Tensor, cls: Tensor, targeted: bool) -> tuple[Tensor, Tensor]:
+    """(margin, rival class). Targeted: max_{i != t} Z_i - Z_t; untargeted (cls = label):
+    Z_y - max_{i != y} Z_i. The rival is the arg max over i != cls."""
     real = z.gather(1, cls.unsqueeze(1)).squeeze(1)
-    other = z.scatter(1, cls.unsqueeze(1), float("-inf")).amax(1)
-    return other - real if targeted else real - other
+    other, rival = z.scatter(1, cls.unsqueeze(1), float("-inf")).max(1)
+    return (other - real if targeted else real - other), rival
 
 
 def _hinge_and_grad(z: Tensor, cls: Tensor, targeted: bool, kappa: float, c: Tensor):
     """(margin + kappa, d sum(c * max(margin + kappa, 0)) / dz), by hand: the gradient is
-    +-c at the best other class and -+c at ``cls`` where the hinge is active (>= 0, as
+    +-c at the rival class and -+c at ``cls`` where the hinge is active (>= 0, as
     clamp's gradient), so no autograd graph is built over the logits."""
     zf = z.float()
-    real = zf.gather(1, cls.unsqueeze(1)).squeeze(1)
-    other, j = zf.scatter(1, cls.unsqueeze(1), float("-inf")).max(1)
-    m = (other - real if targeted else real - other) + kappa
+    m, rival = _margin(zf, cls, targeted)
+    m = m + kappa
     weight = torch.where(m >= 0, c, 0.0)
     if not targeted:
         weight = -weight
     gz = torch.zeros_like(zf)
-    gz.scatter_(1, j.unsqueeze(1), weight.unsqueeze(1))
+    gz.scatter_(1, rival.unsqueeze(1), weight.unsqueeze(1))
     gz.scatter_add_(1, cls.unsqueeze(1), -weight.unsqueeze(1))
     return m, gz.to(z.dtype)
 
@@ -144,7 +144,7 @@ def _cw_search(model, x: Tensor, cls: Tensor, targeted: bool, kappa: float, c_in
                 (g,) = torch.autograd.grad(z, [xp], gz)
             else:
                 z, feats = logits_and_features(model, xp)
-                m = _margin(z.float(), cls, targeted) + kappa
+                m = _margin(z.float(), cls, targeted)[0] + kappa
                 model_term = c * m.clamp(min=0)
                 ok = m <= 0
                 penalty, ok2, score = extra(feats)
@@ -321,7 +321,7 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
     with torch.no_grad():
         z, feats = logits_and_features(model, adv)
         f2 = f2_of(feats)
-        on_target = (_margin(z.float(), cls, True) + kappa) <= 0
+        on_target = (_margin(z.float(), cls, True)[0] + kappa) <= 0
     return adv, AttackInfo(success=success & on_target & (f2 <= 0), target=cls, extra={
         "f2": f2, "f2_positive_ratio": float((f2 > 0).float().mean()), "l2": l2.sqrt(),
         "c": c, "classified_as_target": on_target})
