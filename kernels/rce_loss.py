@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program tile; ROWS * BLOCK_L == _TILE for every config.
+from ._launch import device_guard
+
+# Elements per backward program tile (ROWS * BLOCK_L); the forward's are in _FWD_CONFIG.
 _TILE = 4096
 _MAX_BLOCK_L = 4096
 _NUM_WARPS = 8
@@ -56,7 +58,11 @@ def _rce_fwd_kernel(Z, Y, LOSS, LSE, N, L, stride_row, ignore_index, inv_t, inv_
     lse = m + tl.log(tl.where(row_ok, s, 1.0))  # padding rows have s = 0
     loss = lse - (tot - u_y) * inv_lm1
     keep = y != ignore_index
-    tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+    # A label outside [0, L) (only reachable where the host check is skipped, inside
+    # CUDA-graph capture) gives a NaN loss, never a silently wrong number.
+    bad = keep & ((y < 0) | (y >= L))
+    loss = tl.where(bad, float("nan"), tl.where(keep, loss, 0.0))
+    tl.store(LOSS + rows, loss, mask=row_ok)
     tl.store(LSE + rows, lse, mask=row_ok)
 
 
@@ -78,19 +84,35 @@ def _rce_bwd_kernel(Z, Y, LSE, G, DZ, N, L, stride_row, stride_grad, ignore_inde
     p = tl.exp(u.to(tl.float32) * inv_t - lse[:, None])
     r = tl.where(cols[None, :] == y[:, None], 0.0, inv_lm1)
     dz = tl.where(keep[:, None], (p - r) * g[:, None], 0.0)
+    bad = keep & ((y < 0) | (y >= L))  # see the forward: NaN, never a wrong gradient
+    dz = tl.where(bad[:, None], float("nan"), dz)
     tl.store(DZ + rows[:, None] * stride_grad + cols[None, :], dz.to(DZ.dtype.element_ty),
              mask=mask)
 
 
-def block_config(num_classes: int) -> tuple[int, int, int]:
+# (elements per program tile, num_warps) by BLOCK_L, forward and backward. The forward
+# keeps four running (ROWS,) statistics per tile, and ptxas's register allocation for it
+# varies with the tile shape in ways no formula captures: every entry here was compiled
+# for sm_80 and sm_90 under Triton 3.6 and 3.9 and chosen free of register spills with
+# room to spare (tests/test_triton_aot.py checks every one with ptxas -v).
+_FWD_CONFIG = {2: (1024, 4), 4: (1024, 4), 8: (2048, 4), 16: (2048, 8), 32: (2048, 8),
+               64: (2048, 8), 128: (1024, 4), 256: (2048, 8), 512: (2048, 8),
+               1024: (4096, 4), 2048: (4096, 8), 4096: (4096, 8)}
+_BWD_WARPS_NARROW = 16   # BLOCK_L <= 256: 4096-element tiles, 16 warps (64 registers)
+
+
+def block_config(num_classes: int, backward: bool = False) -> tuple[int, int, int]:
     """(ROWS, BLOCK_L, num_warps) the launchers use for ``num_classes`` classes."""
     block_l = min(triton.next_power_of_2(max(int(num_classes), 2)), _MAX_BLOCK_L)
-    return _TILE // block_l, block_l, _NUM_WARPS
+    if backward:
+        return _TILE // block_l, block_l, _BWD_WARPS_NARROW if block_l <= 256 else _NUM_WARPS
+    tile, warps = _FWD_CONFIG[block_l]
+    return tile // block_l, block_l, warps
 
 
-def all_block_configs() -> list[tuple[int, int, int]]:
+def all_block_configs(backward: bool = False) -> list[tuple[int, int, int]]:
     """Every configuration :func:`block_config` can return (for ahead-of-time compile tests)."""
-    return sorted({block_config(1 << k) for k in range(1, 20)})
+    return sorted({block_config(1 << k, backward) for k in range(1, 20)})
 
 
 def _rows_view(logits: torch.Tensor) -> torch.Tensor:
@@ -110,9 +132,11 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     rows, block_l, warps = block_config(num_classes)
-    _rce_fwd_kernel[(triton.cdiv(n, rows),)](
-        z, target, loss, lse, n, num_classes, z.stride(0), ignore_index,
-        inv_temperature, 1.0 / (num_classes - 1), ROWS=rows, BLOCK_L=block_l, num_warps=warps)
+    with device_guard(z.device):
+        _rce_fwd_kernel[(triton.cdiv(n, rows),)](
+            z, target, loss, lse, n, num_classes, z.stride(0), ignore_index,
+            inv_temperature, 1.0 / (num_classes - 1), ROWS=rows, BLOCK_L=block_l,
+            num_warps=warps)
     return loss, lse
 
 
@@ -125,14 +149,19 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     z = _rows_view(logits)
     target = target.contiguous()
     n, num_classes = z.shape
-    grad = torch.empty((n, num_classes), dtype=z.dtype, device=z.device)
-    rows, block_l, warps = block_config(num_classes)
+    # The interpreter's own fp32 -> bf16 conversion truncates; there the kernel writes
+    # fp32 and torch rounds to nearest even, as the GPU's cvt.rn does.
+    interp_bf16 = z.device.type == "cpu" and z.dtype == torch.bfloat16
+    grad = torch.empty((n, num_classes), dtype=torch.float32 if interp_bf16 else z.dtype,
+                       device=z.device)
+    rows, block_l, warps = block_config(num_classes, backward=True)
     grid = (triton.cdiv(n, rows), triton.cdiv(num_classes, block_l))
-    _rce_bwd_kernel[grid](
-        z, target, lse, grad_rows, grad, n, num_classes, z.stride(0), grad.stride(0),
-        ignore_index, inv_temperature, 1.0 / (num_classes - 1),
-        ROWS=rows, BLOCK_L=block_l, num_warps=warps)
-    return grad
+    with device_guard(z.device):
+        _rce_bwd_kernel[grid](
+            z, target, lse, grad_rows, grad, n, num_classes, z.stride(0), grad.stride(0),
+            ignore_index, inv_temperature, 1.0 / (num_classes - 1),
+            ROWS=rows, BLOCK_L=block_l, num_warps=warps)
+    return grad.to(z.dtype)
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -143,7 +172,7 @@ def aot_specs() -> list[dict]:
     specs = []
     for dtype in SUPPORTED_DTYPES:
         zt = "*" + _TRITON_DTYPE[dtype]
-        for rows, block_l, warps in all_block_configs():
+        for rows, block_l, warps in all_block_configs(backward=False):
             const = {"ROWS": rows, "BLOCK_L": block_l}
             specs.append(dict(
                 kernel=_rce_fwd_kernel, num_warps=warps, constexprs=const,
@@ -151,6 +180,8 @@ def aot_specs() -> list[dict]:
                            "L": "i32", "stride_row": "i64", "ignore_index": "i32",
                            "inv_t": "fp32", "inv_lm1": "fp32",
                            "ROWS": "constexpr", "BLOCK_L": "constexpr"}))
+        for rows, block_l, warps in all_block_configs(backward=True):
+            const = {"ROWS": rows, "BLOCK_L": block_l}
             specs.append(dict(
                 kernel=_rce_bwd_kernel, num_warps=warps, constexprs=const,
                 signature={"Z": zt, "Y": "*i64", "LSE": "*fp32", "G": "*fp32", "DZ": zt,
