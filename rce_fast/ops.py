@@ -38,8 +38,6 @@ def _triton_why_not(kernel_module: str, t: Tensor) -> str | None:
     k = importlib.import_module(f"rce_fast.kernels.{kernel_module}")
     if t.dtype not in k.SUPPORTED_DTYPES:
         return f"dtype {t.dtype} is not one of {k.SUPPORTED_DTYPES}"
-    if t.dim() == 2 and t.shape[1] > getattr(k, "MAX_DIM", float("inf")):
-        return f"feature size {t.shape[1]} > {k.MAX_DIM}"
     return None
 
 
@@ -133,12 +131,29 @@ _RCE_BACKWARD = [
 ]
 
 
+def host_sync_forbidden(t: Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a CUDA graph (under
+    ``torch.compile(mode="reduce-overhead")`` or ``torch.cuda.graph``): no host
+    synchronisation may happen then."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _bad_labels(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+
+
 def check_class_indices(target: Tensor, num_classes: int, ignore_index: int,
                         name: str = "target") -> None:
-    """ValueError unless every entry is in [0, num_classes) or equals ``ignore_index``."""
-    if target.numel() == 0:
+    """ValueError unless every entry is in [0, num_classes) or equals ``ignore_index``.
+
+    During CUDA-graph capture the check would need a host sync, which capture forbids:
+    it is skipped there, and every implementation instead returns NaN for the loss and
+    the gradient of a row whose label is out of range (never a silently wrong number).
+    Eager calls, and the warm-up run before a graph is captured, still raise.
+    """
+    if target.numel() == 0 or host_sync_forbidden(target):
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    bad = _bad_labels(target, num_classes, ignore_index)
     if bool(bad.any()):  # one host sync; cheaper than a device-side assert that kills the context
         first = target[bad][0].item()
         raise ValueError(
@@ -155,7 +170,10 @@ def rce_loss_forward_impl(logits: Tensor, target: Tensor, ignore_index: int,
         acc = _torch_impl.acc_dtype(logits.dtype)
         return logits.new_empty(0, dtype=acc), logits.new_empty(0, dtype=acc)
     impl = _backend.pick("rce_loss", _RCE_FORWARD, logits=logits)
-    return impl.run(logits, target, ignore_index, inv_temperature)
+    loss, lse = impl.run(logits, target, ignore_index, inv_temperature)
+    if impl.name != "triton" and host_sync_forbidden(logits):  # the kernel does it itself
+        loss = torch.where(_bad_labels(target, num_classes, ignore_index), float("nan"), loss)
+    return loss, lse
 
 
 def rce_loss_backward_impl(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
@@ -163,8 +181,12 @@ def rce_loss_backward_impl(grad_rows: Tensor, logits: Tensor, target: Tensor, ls
     if logits.shape[0] == 0:
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     impl = _backend.pick("rce_loss backward", _RCE_BACKWARD, logits=logits)
-    return impl.run(grad_rows.to(lse.dtype).contiguous(), logits, target, lse, ignore_index,
+    grad = impl.run(grad_rows.to(lse.dtype).contiguous(), logits, target, lse, ignore_index,
                     inv_temperature)
+    if impl.name != "triton" and host_sync_forbidden(logits):
+        bad = _bad_labels(target, logits.shape[1], ignore_index)
+        grad = torch.where(bad.unsqueeze(1), float("nan"), grad)
+    return grad
 
 
 @torch.library.custom_op("rce_fast::rce_loss_forward", mutates_args=())
