@@ -1,24 +1,45 @@
 """Shared test setup.
 
-TRITON_INTERPRET must be set before Triton (or any kernel) is first imported, so that
-the Triton kernels run on CPU tensors in these tests; a GPU run can opt out with
-RCE_FAST_TEST_NO_INTERPRET=1 to exercise the real kernels.
+Which Triton runs the kernel tests:
+  * no CUDA GPU (CI, laptops): the Triton interpreter on CPU tensors. TRITON_INTERPRET
+    must be set before Triton (or any kernel) is first imported, so it is set here.
+  * a CUDA GPU present: the compiled kernels, on the ``cuda`` test cases (the
+    ``cpu-triton_interp`` cases then skip, since one process cannot hold both).
+RCE_FAST_TEST_INTERPRET=1 / 0 forces either choice.
 """
 import os
 
-if os.environ.get("RCE_FAST_TEST_NO_INTERPRET", "0") == "0":
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+_forced = os.environ.get("RCE_FAST_TEST_INTERPRET")
+USE_INTERPRETER = (_forced != "0") if _forced is not None else not HAS_CUDA
+if USE_INTERPRETER:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import rce_fast  # noqa: E402
+from tests import triton_compat  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
+INTERPRETER_PATCHED = USE_INTERPRETER and triton_compat.apply()
 MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def pytest_report_header(config):
+    import importlib.util
+    triton = "not installed"
+    if importlib.util.find_spec("triton") is not None:
+        import triton as _t
+        triton = _t.__version__
+    mode = "interpreter" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else \
+        "compiled kernels"
+    extra = " (NumPy >= 2.4 scalar fix applied to the interpreter)" if INTERPRETER_PATCHED else ""
+    return (f"rce_fast: torch {torch.__version__}, triton {triton} ({mode}{extra}), "
+            f"CUDA {'yes: ' + torch.cuda.get_device_name() if HAS_CUDA else 'no'}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,8 +70,10 @@ def on_backend(request, monkeypatch):
     shortcut, so every test also covers the multi-chunk code on small shapes.
     """
     device, backend = request.param
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "0":
-        pytest.skip("Triton interpreter is off in this run")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton interpreter is off in this run (a GPU is present: the "
+                    "cuda cases run the compiled kernels; RCE_FAST_TEST_INTERPRET=1 runs "
+                    "the interpreter instead)")
     if backend == "torch_chunked":
         from rce_fast import _torch_impl
         monkeypatch.setattr(_torch_impl, "SMALL_ELEMS", -1)

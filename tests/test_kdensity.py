@@ -52,9 +52,10 @@ def _assert_close_to_reference(out, q, b, bl, qc, sigma2, dtype):
                                   f"error {ref_err:.3g}")
 
 
-CASES = [  # (N, M, D, classes)
+CASES = [  # (N, M, D, classes); D > 64 runs the feature-tiled kernels (ViT-B: 768,
+    # ResNet-50: 2048)
     (1, 1, 1, 1), (1, 7, 3, 2), (37, 50, 20, 3), (130, 65, 64, 10), (20, 300, 200, 4),
-    (64, 40, 512, 2), (90, 1000, 17, 1000),
+    (64, 40, 512, 2), (90, 1000, 17, 1000), (21, 45, 768, 2), (13, 33, 2048, 3),
 ]
 
 

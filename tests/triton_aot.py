@@ -1,64 +1,128 @@
 """Compile Triton kernels ahead of time for real GPU targets, with no GPU present.
 
 Each kernel module in ``kernels/`` exposes ``aot_specs()``: every (kernel, signature,
-constants, num_warps) its launchers can choose. :func:`compile_module` compiles all of
-them for sm_80 and sm_90 with ``triton.compile(ASTSource, target=GPUTarget(...))`` down
-to a cubin, so a kernel that would not compile on a GPU fails CI instead of a user.
+constants, num_warps, num_stages) its launchers can choose. :func:`compile_module`
+compiles all of them for sm_80 and sm_90 with ``triton.compile(ASTSource,
+target=GPUTarget(...))`` down to a cubin, so a kernel that would not compile on a GPU
+fails CI instead of a user.
+
+It also reads ptxas's resource report (``-v``) for every compile and reports registers
+and spills: a configuration that spills registers to local memory is a failure, since
+spills are what makes a kernel that compiles run several times slower. The report is
+the one Triton's own ptxas invocation prints (``TRITON_DUMP_PTXAS_LOG``), so the flags
+match the installed Triton exactly; a fresh cache directory makes every kernel compile.
 
 The compile runs in a subprocess without TRITON_INTERPRET: under the interpreter
 ``@triton.jit`` yields interpreted functions that cannot be lowered to PTX.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 ARCHS = (80, 90)
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
 
 
-def _compile_in_this_process(module_name: str, archs=ARCHS) -> list[str]:
+def parse_ptxas_log(log: str) -> dict:
+    """{"registers", "spill_stores", "spill_loads"} from ptxas -v output (the kernel's
+    own function entry; -1 where ptxas printed nothing)."""
+    spills = _SPILL.findall(log)
+    regs = _REGS.findall(log)
+    return {"registers": int(regs[-1]) if regs else -1,
+            "spill_stores": sum(int(s) for s, _ in spills) if spills else -1,
+            "spill_loads": sum(int(s) for _, s in spills) if spills else -1}
+
+
+def _ptxas_report(compiled, log: str, cc: int) -> dict:
+    """Resource report of one compile: Triton's own ptxas log, or ptxas -v run here."""
+    report = parse_ptxas_log(log)
+    if report["spill_stores"] >= 0:
+        return report
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        proc = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={sm_arch_from_capability(cc)}",
+                               src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    return parse_ptxas_log(proc.stderr)
+
+
+def _compile_in_this_process(module_name: str, archs=ARCHS) -> dict:
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    knobs.nvidia.dump_ptxas_log = True
     module = importlib.import_module(module_name)
-    failures, count = [], 0
+    failures, rows = [], []
     for spec in module.aot_specs():
         kernel = spec["kernel"]
+        options = {"num_warps": spec["num_warps"]}
+        if spec.get("num_stages") is not None:
+            options["num_stages"] = spec["num_stages"]
         for cc in archs:
-            label = f"{kernel.__name__} sm_{cc} {spec['constexprs']} {spec['signature']}"
+            label = (f"{kernel.__name__} sm_{cc} warps={spec['num_warps']} "
+                     f"stages={spec.get('num_stages')} {spec['constexprs']} "
+                     f"{[v for v in spec['signature'].values() if v.startswith('*')][:1]}")
             try:
                 # signature in the kernel's argument order, whatever order the spec used
                 sig = {name: spec["signature"][name] for name in kernel.arg_names}
                 src = ASTSource(fn=kernel, signature=sig, constexprs=spec["constexprs"])
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                          options={"num_warps": spec["num_warps"]})
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                              options=options)
                 if not compiled.asm.get("cubin"):
                     failures.append(f"{label}: no cubin produced")
-                count += 1
+                    continue
+                report = _ptxas_report(compiled, buf.getvalue(), cc)
+                rows.append({"label": label, **report})
+                if report["spill_stores"] < 0:
+                    failures.append(f"{label}: ptxas printed no resource report")
+                elif report["spill_stores"] or report["spill_loads"]:
+                    failures.append(f"{label}: register spills ({report['spill_stores']} "
+                                    f"bytes stored, {report['spill_loads']} loaded; "
+                                    f"{report['registers']} registers)")
             except Exception as exc:  # report every failing config, not just the first
                 failures.append(f"{label}: {type(exc).__name__}: {exc}")
-    if count == 0 and not failures:
+    if not rows and not failures:
         failures.append(f"{module_name}.aot_specs() listed no kernels")
-    return failures
+    return {"specs": len(module.aot_specs()), "compiled": len(rows), "failures": failures,
+            "triton": triton.__version__, "rows": rows}
 
 
-def compile_module(module_name: str, timeout: float = 1200) -> tuple[int, list[str]]:
-    """Compile every spec of ``module_name`` for sm_80 and sm_90; (specs, failures)."""
+def compile_module(module_name: str, timeout: float = 1800, python: str | None = None
+                   ) -> dict:
+    """Compile every spec of ``module_name`` for sm_80 and sm_90 in a subprocess (optionally
+    another interpreter, e.g. one with another Triton). Returns {"specs", "compiled",
+    "failures", "triton", "rows"}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, module_name], env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache  # a cache hit would skip ptxas and its report
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([python or sys.executable, "-m", "tests.triton_aot", module_name],
+                              env=env, timeout=timeout, capture_output=True, text=True,
+                              cwd=root)
     if proc.returncode != 0:
-        return 0, [f"compiler subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}"]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["specs"], result["failures"]
+        return {"specs": 0, "compiled": 0, "triton": None, "rows": [],
+                "failures": [f"compiler subprocess failed ({proc.returncode}):\n"
+                             f"{proc.stderr[-4000:]}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
-    name = sys.argv[1]
-    mod = importlib.import_module(name)
-    out = _compile_in_this_process(name)
-    print(json.dumps({"specs": len(mod.aot_specs()), "failures": out}))
+    result = _compile_in_this_process(sys.argv[1])
+    print(json.dumps(result))
