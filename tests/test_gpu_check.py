@@ -1,0 +1,129 @@
+"""The GPU check's CPU-side logic (arguments, time caps, process-group kills, summary
+writing, benchmark analysis), so that scripts/gpu_check.sh cannot rot between the
+sessions that are lent a GPU."""
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
+_spec.loader.exec_module(gpu_check)
+
+
+def _run(args, timeout=600):
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "warp"], "unknown stage"),
+    (["--only", "tests,nope"], "unknown stage"),
+    (["--budget", "0"], "--budget must be > 0"),
+    (["--cap", "zzz=3"], "unknown stage"),
+])
+def test_bad_arguments(tmp_path, args, message):
+    proc = _run([str(tmp_path / "out"), *args], timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = _run([str(blocker / "out"), "--cpu"], timeout=60)
+    assert proc.returncode == 2 and "cannot write" in proc.stderr
+
+
+def test_budget_caps_with_a_fake_clock():
+    now = [100.0]
+    budget = gpu_check.Budget(300.0, clock=lambda: now[0])
+    assert budget.cap(0.5) == 150.0
+    now[0] += 200.0
+    assert budget.left() == 100.0 and budget.cap(0.5) == 50.0
+    assert budget.cap(0.5, override=500.0) == 100.0   # never more than what is left
+    now[0] += 1000.0
+    assert budget.left() == 0.0 and budget.cap(1.0) == 0.0
+
+
+def test_run_command_kills_the_whole_process_group(tmp_path):
+    log = open(tmp_path / "log", "w")
+    start = time.monotonic()
+    res = gpu_check.run_command(["bash", "-c", "echo started; sleep 60 & sleep 60"], 1.5, log)
+    log.close()
+    assert res.timed_out and res.rc is None and "started" in res.output
+    assert time.monotonic() - start < 20
+    assert "killed after" in (tmp_path / "log").read_text()
+    ok = gpu_check.run_command([sys.executable, "-c", "print('hi')"], 30,
+                               open(tmp_path / "log2", "w"))
+    assert ok.rc == 0 and not ok.timed_out and "hi" in ok.output
+
+
+def test_cpu_mode_end_to_end_writes_the_summary(tmp_path):
+    out = tmp_path / "gpu"
+    proc = _run([str(out), "--cpu", "--budget", "400",
+                 "--pytest-args", "tests/test_gpu_readiness.py -k host_sync_forbidden_is_false",
+                 "--bench-groups", "benchmarks/test_bench_jsma.py"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"gpu", "torch", "triton", "stages", "cases"}
+    st = summary["stages"]
+    assert list(st) == list(gpu_check.STAGES)
+    assert st["env"]["status"] == "passed" and st["env"]["torch"]
+    assert st["build"]["status"] == "skipped"
+    assert st["tests"]["status"] == "passed" and st["tests"]["passed"] == 1
+    assert st["sanitizer"]["status"] == "skipped" and st["sanitizer"]["reason"] == "no GPU"
+    assert st["bench"]["status"] == "passed" and st["bench"]["groups_done"]
+    assert all(isinstance(r["seconds"], float) for r in st.values())
+    md = (out / "summary.md").read_text()
+    assert "| tests | passed |" in md and md in proc.stdout
+    assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_a_stage_out_of_time_is_skipped_with_what_it_finished(tmp_path):
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                    "def test_slow():\n    time.sleep(120)\n")
+    out = tmp_path / "gpu"
+    start = time.monotonic()
+    proc = _run([str(out), "--cpu", "--only", "tests", "--cap", "tests=25",
+                 "--pytest-args", f"{slow} -p no:randomly"])
+    assert time.monotonic() - start < 100
+    summary = json.loads((out / "summary.json").read_text())
+    tests = summary["stages"]["tests"]
+    assert tests["status"] == "skipped" and tests["reason"] == "out of time"
+    assert tests["finished"]["passed"] == 1
+    assert summary["stages"]["bench"]["reason"] == "not selected"
+    assert proc.returncode == 0  # skipped is not failed
+
+
+def test_bench_analysis_ratios_bandwidth_and_targets(tmp_path):
+    data = {"machine_info": {"rce_fast_gpu": "NVIDIA H100 80GB HBM3"}, "benchmarks": [
+        {"extra_info": {"case": "rce_loss 4096x32000 bf16", "role": "rce_fast",
+                        "bytes": 3 * 4096 * 32000 * 2}, "stats": {"median": 3.0e-4}},
+        {"extra_info": {"case": "rce_loss 4096x32000 bf16", "role": "eager reference"},
+         "stats": {"median": 9.0e-4}},
+        {"extra_info": {"case": "rce_loss 4096x32000 bf16", "role": "compiled reference"},
+         "stats": {"median": 3.3e-4}},
+        {"extra_info": {"case": "kdensity N=M=100k D=64 10 classes", "role": "rce_fast",
+                        "pairs": 1e10}, "stats": {"median": 0.02}},
+    ]}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    cases = {c["case"]: c for c in gpu_check.bench_cases([path], "NVIDIA H100 80GB HBM3")}
+    loss = cases["rce_loss 4096x32000 bf16"]
+    assert loss["ratios"]["eager reference"] == pytest.approx(3.0)
+    assert loss["bandwidth_GBps"] == pytest.approx(3 * 4096 * 32000 * 2 / 3e-4 / 1e9)
+    assert 0 < loss["hbm_fraction"] < 1
+    met = {t["what"]: t["met"] for t in loss["targets"]}
+    assert met == {"vs eager reference": True, "vs compiled reference": False}
+    kd = cases["kdensity N=M=100k D=64 10 classes"]
+    assert kd["pairs_per_s"] == pytest.approx(5e11)
+    assert [t["met"] for t in kd["targets"] if t["what"] == "pairs/s"] == [False]
+    md = gpu_check.render_markdown({"stages": {}, "cases": list(cases.values())})
+    assert "MISSED" in md and "GB/s" in md
