@@ -388,6 +388,49 @@ def bench_cases(json_paths, gpu: str | None) -> list[dict]:
     return out
 
 
+def gpu_targets(cases: list[dict]) -> list[dict]:
+    """The GPU targets of the GPU-readiness issue, each with the measured value and
+    whether it was met (None where the case did not run)."""
+    by = {c["case"]: c for c in cases}
+
+    def find(prefix):
+        return next((c for name, c in by.items() if name.startswith(prefix)), None)
+
+    rows = []
+    loss = by.get("rce_loss 4096x32000 bf16")
+    for baseline, need in GPU_TARGETS["rce_loss 4096x32000 bf16"]:
+        got = loss["ratios"].get(baseline) if loss else None
+        rows.append({"target": f"RCE loss 4096x32000 bf16 >= {need}x {baseline}",
+                     "value": got, "unit": "x", "met": None if got is None else got >= need})
+    for name, c in sorted(by.items()):
+        if name.startswith("rce_loss") and c.get("hbm_fraction") is not None and \
+                any(k in name for k in ("x32000", "x131072", "8192x1000")):
+            rows.append({"target": f"{name}: > {HBM_FRACTION_TARGET:.0%} of HBM bandwidth",
+                         "value": c["hbm_fraction"], "unit": "of HBM",
+                         "met": c["hbm_fraction"] > HBM_FRACTION_TARGET})
+    kd = by.get("kdensity N=M=100k D=64 10 classes")
+    got = kd.get("pairs_per_s") if kd else None
+    rows.append({"target": f"K-density 100k x 100k D=64 >= {PAIRS_TARGET:.0e} pairs/s",
+                 "value": got, "unit": "pairs/s",
+                 "met": None if got is None else got >= PAIRS_TARGET})
+    got = kd["ratios"].get("naive torch.cdist") if kd else None
+    rows.append({"target": "K-density 100k x 100k >= 5x naive cdist", "value": got,
+                 "unit": "x", "met": None if got is None else got >= 5.0})
+    js = find("JSMA paper budget")
+    got = js.get("examples_per_s") if js else None
+    rows.append({"target": f"JSMA >= {JSMA_EXAMPLES_PER_S:g} examples/s (ResNet-32 MNIST)",
+                 "value": got, "unit": "examples/s",
+                 "met": None if got is None else got >= JSMA_EXAMPLES_PER_S})
+    for prefix, need, label in (("C&W step", CW_SECONDS_PER_EXAMPLE, "C&W 9 x 10,000 steps"),
+                                ("C&W-wb stage 2 step", CW_WB_SECONDS_PER_EXAMPLE,
+                                 "C&W-wb 3 x 5,000 + 9 x 10,000 steps")):
+        c = find(prefix)
+        got = c.get("seconds_per_example_at_paper_budget") if c else None
+        rows.append({"target": f"{label} < {need:g} s/example (extrapolated)", "value": got,
+                     "unit": "s/example", "met": None if got is None else got < need})
+    return rows
+
+
 # ------------------------------------------------------------------------- the driver
 
 class Context:
@@ -479,6 +522,7 @@ def main(argv=None, clock=time.monotonic) -> int:
             summary.update({k: ctx.env_info.get(k) for k in ("gpu", "torch", "triton")})
         write_summary(out, summary)  # after every stage: a kill loses nothing done
     summary["cases"] = summary["stages"].get("bench", {}).pop("cases", []) or []
+    summary["targets"] = gpu_targets(summary["cases"])
     summary["total_seconds"] = round(budget.total - budget.left(), 1)
     write_summary(out, summary)
     log.close()
@@ -540,6 +584,12 @@ def render_markdown(summary: dict) -> str:
             lines.append(f"| {c['case']} | {ours * 1e3:.3f} ms | {base} | "
                          f"{', '.join(rate)} | {tg} |" if ours else
                          f"| {c['case']} | n/a | {base} | | {tg} |")
+    if summary.get("targets"):
+        lines += ["", "| GPU target | measured | met |", "| --- | --- | --- |"]
+        for t in summary["targets"]:
+            value = "not measured" if t["value"] is None else f"{t['value']:.3g} {t['unit']}"
+            met = {None: "n/a", True: "yes", False: "NO"}[t["met"]]
+            lines.append(f"| {t['target']} | {value} | {met} |")
     return "\n".join(lines) + "\n"
 
 

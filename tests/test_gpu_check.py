@@ -125,5 +125,12 @@ def test_bench_analysis_ratios_bandwidth_and_targets(tmp_path):
     kd = cases["kdensity N=M=100k D=64 10 classes"]
     assert kd["pairs_per_s"] == pytest.approx(5e11)
     assert [t["met"] for t in kd["targets"] if t["what"] == "pairs/s"] == [False]
-    md = gpu_check.render_markdown({"stages": {}, "cases": list(cases.values())})
-    assert "MISSED" in md and "GB/s" in md
+    targets = gpu_check.gpu_targets(list(cases.values()))
+    by = {t["target"]: t for t in targets}
+    assert by["RCE loss 4096x32000 bf16 >= 2.0x eager reference"]["met"] is True
+    assert by["RCE loss 4096x32000 bf16 >= 1.2x compiled reference"]["met"] is False
+    assert by["K-density 100k x 100k D=64 >= 1e+12 pairs/s"]["met"] is False
+    assert any(t["met"] is None and "JSMA" in t["target"] for t in targets)  # not run
+    md = gpu_check.render_markdown({"stages": {}, "cases": list(cases.values()),
+                                    "targets": targets})
+    assert "MISSED" in md and "GB/s" in md and "| GPU target |" in md and "not measured" in md
