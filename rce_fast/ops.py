@@ -214,6 +214,50 @@ def _(grad_rows, logits, target, lse, ignore_index, inv_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+def rce_grad_vjp(v: Tensor, logits: Tensor, target: Tensor, grad_rows: Tensor,
+                 ignore_index: int, inv_temperature: float) -> tuple[Tensor, Tensor]:
+    """Derivatives of <v, grad> for grad = (softmax(u) - R_y) * g / T, u = logits / T: the
+    analytic second derivative of the RCE loss, for double backward (gradient penalties,
+    meta-learning). Returns (d/d logits in the logits' dtype, d/d g (N,)).
+
+        d<v, grad>/dZ_ik = g_i / T^2 * p_ik (v_ik - sum_j v_ij p_ij)
+        d<v, grad>/dg_i  = (sum_j v_ij p_ij - mean_{j != y} v_ij) / T
+
+    Written with differentiable torch ops (p from softmax of the logits, not from the saved
+    log-sum-exp), so a third derivative works as well. Ignored rows give zeros.
+    """
+    acc = _torch_impl.acc_dtype(logits.dtype)
+    num_classes = logits.shape[1]
+    keep = target != ignore_index
+    label = target.clamp(0, num_classes - 1).unsqueeze(1)
+    p = torch.softmax(logits.to(acc) * inv_temperature, 1)
+    vv = v.to(acc)
+    vp = vv * p
+    s = vp.sum(1, keepdim=True)
+    g = torch.where(keep, grad_rows.to(acc), 0.0)
+    d_logits = (vp - p * s) * (g * (inv_temperature * inv_temperature)).unsqueeze(1)
+    v_off = (vv.sum(1) - vv.gather(1, label).squeeze(1)) / (num_classes - 1)
+    d_rows = torch.where(keep, (s.squeeze(1) - v_off) * inv_temperature, 0.0)
+    return d_logits.to(logits.dtype), d_rows.to(grad_rows.dtype)
+
+
+def _rce_bwd_setup_context(ctx, inputs, output):
+    grad_rows, logits, target, lse, ignore_index, inv_temperature = inputs
+    ctx.save_for_backward(grad_rows, logits, target)
+    ctx.ignore_index, ctx.inv_temperature = ignore_index, inv_temperature
+
+
+def _rce_bwd_backward(ctx, v):
+    grad_rows, logits, target = ctx.saved_tensors
+    d_logits, d_rows = rce_grad_vjp(v, logits, target, grad_rows, ctx.ignore_index,
+                                    ctx.inv_temperature)
+    return (d_rows if ctx.needs_input_grad[0] else None,
+            d_logits if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+rce_loss_backward.register_autograd(_rce_bwd_backward, setup_context=_rce_bwd_setup_context)
+
+
 def _rce_setup_context(ctx, inputs, output):
     logits, target, ignore_index, inv_temperature = inputs
     _, lse = output
@@ -258,7 +302,7 @@ class RCELossFunction(torch.autograd.Function):
             if bad >= 0:
                 check_class_indices(target, num_classes, ignore_index)  # raises, with detail
             ctx.mode, ctx.kept = "compiled", kept
-            ctx.save_for_backward(logits, lse, target)
+            ctx.save_for_backward(None, logits, lse, target)
             if reduction == "none":
                 return rows
             value = total if reduction == "sum" else (total / kept if kept else float("nan"))
@@ -270,7 +314,7 @@ class RCELossFunction(torch.autograd.Function):
                 logits, target, ignore_index, inv_temperature)
             if not bool(labels_ok):
                 check_class_indices(target, num_classes, ignore_index)  # raises, with detail
-            saved = (logp, label, keep)
+            saved = (logits, None, target, logp, label, keep)
             ctx.mode = "small"
         else:
             rows, lse = rce_loss_forward_impl(logits, target, ignore_index, inv_temperature)
@@ -288,8 +332,10 @@ class RCELossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            return RCELossFunction._differentiable_backward(ctx, grad_out)
         if ctx.mode == "compiled":
-            logits, lse, target = ctx.saved_tensors
+            _, logits, lse, target = ctx.saved_tensors
             if ctx.reduction == "none":
                 grad = _rce_compiled_backward(grad_out, logits, target, lse, ctx.ignore_index,
                                               ctx.inv_temperature)
@@ -300,18 +346,38 @@ class RCELossFunction(torch.autograd.Function):
                 grad = _rce_compiled_backward(None, logits, target, lse, ctx.ignore_index,
                                               ctx.inv_temperature, grad_scale=scale)
             return grad, None, None, None, None
-        count, a, b, c = ctx.saved_tensors
+        count, *saved = ctx.saved_tensors
         if ctx.reduction == "mean":
             grad_out = grad_out / count
         if ctx.mode == "small":
+            logp, label, keep = saved[3:]
             scale = grad_out * ctx.inv_temperature
             if ctx.reduction == "none":
                 scale = scale.unsqueeze(1)
-            return (_torch_impl.rce_backward_small(scale, a, b, c, ctx.dtype),
+            return (_torch_impl.rce_backward_small(scale, logp, label, keep, ctx.dtype),
                     None, None, None, None)
+        logits, lse, target = saved
         grad_rows = grad_out if ctx.reduction == "none" else grad_out.expand(ctx.n)
-        grad = rce_loss_backward_impl(grad_rows, a, c, b, ctx.ignore_index,
+        grad = rce_loss_backward_impl(grad_rows, logits, target, lse, ctx.ignore_index,
                                       ctx.inv_temperature)
+        return grad, None, None, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_out):
+        """The gradient through the ``rce_fast::rce_loss_backward`` op, whose registered
+        autograd (:func:`rce_grad_vjp`) makes it differentiable again."""
+        count, logits, lse, target = ctx.saved_tensors[:4]
+        if lse is None:  # the small / fused paths kept other statistics: recompute
+            lse = torch.logsumexp(logits.detach().to(_torch_impl.acc_dtype(logits.dtype))
+                                  * ctx.inv_temperature, 1)
+        if ctx.reduction == "mean":
+            if count is None:  # the fused C++ path counted the kept rows itself
+                count = torch.tensor(float(ctx.kept), dtype=grad_out.dtype,
+                                     device=grad_out.device)
+            grad_out = grad_out / count
+        grad_rows = grad_out if ctx.reduction == "none" else grad_out.expand(ctx.n)
+        grad = torch.ops.rce_fast.rce_loss_backward(grad_rows, logits, target, lse,
+                                                    ctx.ignore_index, ctx.inv_temperature)
         return grad, None, None, None, None
 
 

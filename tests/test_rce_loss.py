@@ -376,3 +376,56 @@ def test_fused_cpu_loss_is_picked_for_small_inputs_only():
         zt = small.clone().requires_grad_(True)
         rce_fast.rce_loss(zt, y, temperature=1.5).backward()
     torch.testing.assert_close(zz.grad, zt.grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------- double backward
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 5), (40, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_double_backward_matches_the_reference(on_backend, reduction, shape):
+    """create_graph=True gives a differentiable gradient on every path (a gradient
+    penalty's term must not silently vanish): the penalty's gradient against the float64
+    reference's, by the same flash-attention rule as the loss."""
+    device, _ = on_backend
+    z, y = _inputs(*shape, torch.float32, device, seed=31, ignore_frac=0.2)
+
+    def penalty_grad(fn, zz, yy, dtype):
+        zz = zz.detach().to(dtype).requires_grad_(True)
+        loss = fn(zz, yy, reduction=reduction, temperature=1.3)
+        w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+        (g,) = torch.autograd.grad((loss.reshape(-1) * w).sum(), zz, create_graph=True)
+        assert g.requires_grad
+        (gg,) = torch.autograd.grad((g * g).sum() + g[:, 0].sum(), zz)
+        return gg
+
+    ours = penalty_grad(rce_fast.rce_loss, z, y, torch.float32)
+    ref = penalty_grad(rce_loss_reference, z.cpu(), y.cpu(), torch.float64)
+    low = penalty_grad(lambda a, b, **kw: rce_loss_reference(a, b, dtype=torch.float32, **kw),
+                       z.cpu(), y.cpu(), torch.float32)
+    _assert_within_ref_error(ours, ref, low, torch.float32, "double backward")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", "torch_chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradgradcheck_float64(backend, reduction, monkeypatch):
+    if backend == "torch_chunked":
+        from rce_fast import _torch_impl
+        monkeypatch.setattr(_torch_impl, "SMALL_ELEMS", -1)
+        backend = "torch"
+    g = torch.Generator().manual_seed(32)
+    z = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 6, -100, 2, 3])
+    with rce_fast.use_backend(backend):
+        assert torch.autograd.gradgradcheck(
+            lambda t: rce_fast.rce_loss(t, y, reduction=reduction, temperature=0.7), (z,))
+
+
+def test_opcheck_backward_op_with_gradients():
+    z, y = _inputs(9, 11, torch.float32, "cpu", seed=34)
+    y[2] = -100
+    _, lse = torch.ops.rce_fast.rce_loss_forward(z, y, -100, 0.5)
+    g = torch.rand(9)
+    torch.library.opcheck(torch.ops.rce_fast.rce_loss_backward.default,
+                          (g.requires_grad_(True), z.clone().requires_grad_(True), y, lse,
+                           -100, 0.5))
