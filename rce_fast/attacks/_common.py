@@ -4,10 +4,14 @@ Every attack takes a module returning DECISION logits (Z for a CE model, -Z for 
 model: see rce_fast.models' classifier wrapper), works on whole batches on any device,
 clips to the input box and returns the adversarial batch with the same shape, dtype
 and device as the input. Pass ``return_info=True`` for ``(x_adv, AttackInfo)``.
-The model should be in eval mode (batch-norm statistics must not depend on the batch).
+Attacks run the model in eval mode (batch-norm uses, and never updates, its running
+statistics; dropout is off) and restore every module's train/eval flag afterwards: the
+model, its parameters and its buffers are left exactly as they were.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -118,3 +122,29 @@ def decision_logits(model, x: Tensor) -> Tensor:
         raise ValueError("model must return decision logits of shape (B, L); got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
     return out
+
+
+@contextlib.contextmanager
+def model_in_eval_mode(model):
+    """Every module of ``model`` in eval mode inside the block, each module's own
+    train/eval flag restored afterwards (also on error). A model that is not an
+    ``nn.Module`` (any callable) is left alone."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(False)
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def preserves_model_state(attack):
+    """Decorator for attacks taking the model first: run it under :func:`model_in_eval_mode`."""
+    @functools.wraps(attack)
+    def run(model, *args, **kwargs):
+        with model_in_eval_mode(model):
+            return attack(model, *args, **kwargs)
+    return run

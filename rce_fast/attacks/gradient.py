@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (AttackInfo, check_clip, check_images, check_int, decision_logits,
-                      generator_for, resolve_target)
+                      generator_for, preserves_model_state, resolve_target)
 
 
 def _eps_list(eps) -> tuple[list[float], bool]:
@@ -80,6 +80,7 @@ def _finish(x_adv: Tensor, x: Tensor, sweep: bool, n_eps: int, model, y: Tensor,
                            extra={key: y, "prediction": pred, "linf": linf})
 
 
+@preserves_model_state
 def fgsm(model, x: Tensor, eps, labels=None, clip=(-0.5, 0.5), return_info: bool = False):
     """Fast gradient sign method: x + eps * sign(grad_x CE(model(x), labels)), clipped.
 
@@ -136,6 +137,7 @@ def _iterative(model, x, eps, steps, step_size, y, targeted, project, clip):
     return x_adv, sweep, n_eps
 
 
+@preserves_model_state
 def bim(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None, labels=None,
         project: bool = False, clip=(-0.5, 0.5), return_info: bool = False):
     """Basic iterative method: ``steps`` FGSM steps of ``step_size`` (default eps / 10).
@@ -149,6 +151,7 @@ def bim(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None, 
     return _finish(x_adv, x, sweep, n_eps, model, y, False, return_info)
 
 
+@preserves_model_state
 def ilcm(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None,
          project: bool = False, clip=(-0.5, 0.5), return_info: bool = False):
     """Iterative least-likely class method: ``steps`` targeted steps

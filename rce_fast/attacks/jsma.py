@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._common import (AttackInfo, check_clip, check_images, decision_logits,
-                      resolve_target)
+                      preserves_model_state, resolve_target)
 
 
 def _jacobian_rows(model, x: Tensor, target: Tensor, use_logits: bool):
@@ -24,6 +24,7 @@ def _jacobian_rows(model, x: Tensor, target: Tensor, use_logits: bool):
     return out.detach(), alpha, beta
 
 
+@preserves_model_state
 def jsma(model, x: Tensor, target="least_likely", theta: float = 1.0, gamma: float = 0.1,
          clip=(-0.5, 0.5), use_logits: bool = True, max_iterations: int | None = None,
          seed: int = 0, return_info: bool = False):
