@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (AttackInfo, check_clip, check_images, check_int, decision_logits,
-                      generator_for, preserves_model_state, resolve_target)
+from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
+                      decision_logits, generator_for, preserves_model_state, resolve_target)
 
 
 def _eps_list(eps) -> tuple[list[float], bool]:
@@ -115,7 +115,7 @@ def _iterative(model, x, eps, steps, step_size, y, targeted, project, clip):
     if step_size is None:
         alpha = e / 10.0  # the paper: eps / 10 per step
     else:
-        alpha = torch.full_like(e, float(step_size))
+        alpha = torch.full_like(e, check_positive(step_size, "step_size"))
     x0 = x.detach().repeat(n_eps, *[1] * (x.dim() - 1))
     yy = y.repeat(n_eps)
     x_adv = x0.clone()
