@@ -1,0 +1,27 @@
+"""Detection of adversarial examples: the K-density op and detector, logit-based scores,
+AUC and the paper's protocol.
+
+All scores are "higher = more likely normal" (Pang et al. 2018, section 2 of the notes).
+One module per concern:
+
+- :mod:`.kdensity`: the K-density op (``kdensity``), ``BankIndex``, ``QueryPlan``;
+- :mod:`.metrics`: ``confidence``, ``non_me``, ``threshold_for_fpr``, ``auc`` and its
+  DeLong standard error;
+- :mod:`.kd_detector`: ``KDensityDetector``;
+- :mod:`.protocol`: ``paper_auc`` (the paper's Table 2 protocol).
+
+Everything is re-exported here, so ``from rce_fast.detect import X`` keeps working.
+"""
+from ._checks import _FLOAT, _check_features, _check_labels, _check_sigma2  # noqa: F401
+from .kd_detector import DEFAULT_SIGMA2, KDensityDetector, _sample_per_class  # noqa: F401
+from .kdensity import (BankIndex, QueryPlan, _offsets, build_bank_index, kdensity,
+                       kdensity_indexed, kdensity_planned)
+from .metrics import (_check_logits, _midranks, auc, auc_standard_error, confidence, non_me,
+                      threshold_for_fpr)
+from .protocol import paper_auc
+
+__all__ = [
+    "DEFAULT_SIGMA2", "KDensityDetector", "BankIndex", "QueryPlan", "build_bank_index",
+    "kdensity", "kdensity_indexed", "kdensity_planned", "confidence", "non_me",
+    "threshold_for_fpr", "auc", "auc_standard_error", "paper_auc",
+]
