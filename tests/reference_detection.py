@@ -131,7 +131,7 @@ def pgd_reference(model, x, y, eps, steps, alpha, clip=(-0.5, 0.5)):
             xa = xa.detach().requires_grad_(True)
             z = model(xa)
             loss = F.cross_entropy(z, yi)
-            key = (bool(z.argmax(1).item() != yi.item()), float(loss))
+            key = (bool(z.argmax(1).item() != yi.item()), float(loss.detach()))
             if key > best_key:
                 best, best_key = xa.detach().clone(), key
             if step == steps:
