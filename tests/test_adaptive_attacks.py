@@ -183,3 +183,29 @@ def test_no_host_sync_per_step_on_cuda(pair):
                    lambda s: orthogonal_pgd(guarded, xc, 0.1, steps=s, labels=yc)):
         attack(2)  # warm-up (kernel compilation)
         assert syncs(lambda: attack(2)) == syncs(lambda: attack(12))
+
+
+def test_evaluate_detectors_scores_every_pair(pair):
+    from rce_fast.detect import evaluate_detectors
+    model, det, _, x, y = pair
+    xh, _ = digits_tensors()
+    held = xh[1500:1650]
+    adv = pgd(model, x[:60], 0.2, steps=5, labels=y[:60])
+    noise = (x[:60] + 0.05 * torch.randn(60, 1, 8, 8)).clamp(-0.5, 0.5)
+    res = evaluate_detectors(model, {"K-density": det, "confidence": "confidence"}, held,
+                             x[60:], y[60:], {"PGD": adv, "noise": noise}, y_adv=y[:60],
+                             batch_size=32)
+    assert set(res) == {"PGD", "noise"} and set(res["PGD"]) == {"K-density", "confidence"}
+    with torch.no_grad():
+        zh, fh = model.logits_and_features(held)
+        za, fa = model.logits_and_features(adv)
+    thr = threshold_at_fpr(det.score(fh, zh.argmax(1)), 0.05)
+    r = res["PGD"]["K-density"]
+    assert r["threshold"] == pytest.approx(thr, rel=1e-12)
+    flagged = det.score(fa, za.argmax(1)).double() < r["threshold"]
+    wrong = za.argmax(1) != y[:60]
+    assert r["tpr"] == pytest.approx(float(flagged[wrong].double().mean()))
+    assert r["robust_accuracy"] == pytest.approx(float((flagged | ~wrong).double().mean()))
+    fprs, acc = r["curve"]
+    assert fprs.shape == acc.shape == (41,)
+    assert res["noise"]["confidence"]["n_attacked"] == 60

@@ -227,3 +227,27 @@ def test_guarded_lid_is_differentiable():
     with torch.no_grad():
         flagged = det.detect(model, x[300:306], threshold=0.0)
     assert torch.equal(out.argmax(1) == 10, flagged)
+
+
+def test_triton_kernel_path_with_the_gpu_launch_grid(guarded, monkeypatch):
+    """The GuardedClassifier through the Triton K-density kernels (interpreter on CPU),
+    launched with the CUDA grid (upper bound, no host sync): same logits and input
+    gradient as the PyTorch path."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "0":
+        pytest.skip("Triton interpreter is off in this run")
+    from rce_fast.kernels import kdensity as k
+    model, det, g = guarded
+    original = k._tiles
+    monkeypatch.setattr(k, "_tiles", lambda off, bm, n, exact=None: original(off, bm, n, False))
+    x, _ = digits_tensors()
+    xs = x[1650:1666]
+    outs = {}
+    for backend in ("torch", "triton"):
+        xa = xs.clone().requires_grad_(True)
+        with rce_fast.use_backend(backend):
+            out = g(xa)
+            (grad,) = torch.autograd.grad(out[:, -1].sum(), xa)
+        outs[backend] = (out.detach(), grad)
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["triton"][1], outs["torch"][1], rtol=1e-3, atol=1e-4)
