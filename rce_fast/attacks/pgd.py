@@ -59,22 +59,32 @@ def _random_start(x: Tensor, eps: float, norm: str, g: torch.Generator) -> Tenso
     return x + (direction * radius.view(_view(x))).to(x.dtype)
 
 
-def _step(xa: Tensor, direction: Tensor, alpha: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return xa + alpha * direction.sign()
-    scale = alpha / _per_example(direction).sqrt().clamp(min=_TINY)
-    return xa + (direction * scale.view(_view(xa)).to(direction.dtype)).to(xa.dtype)
+class _Ball:
+    """Steps and projection onto {eps-ball around x} intersected with the box."""
 
+    def __init__(self, x: Tensor, eps: float, norm: str, lo: float, hi: float) -> None:
+        self.x, self.eps, self.norm, self.lo, self.hi = x, eps, norm, lo, hi
+        if norm == "linf":  # the intersection is a box too: one clamp per step
+            self.low = (x - eps).clamp_(min=lo)
+            self.high = (x + eps).clamp_(max=hi)
 
-def _project(xa: Tensor, x: Tensor, eps: float, norm: str, lo: float, hi: float) -> Tensor:
-    delta = xa - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
+    def step(self, xa: Tensor, direction: Tensor, alpha: float) -> Tensor:
+        """x_a + alpha * (sign(d) for L-inf, d / ||d|| for L2), then the projection."""
+        if self.norm == "linf":
+            return torch.clamp(torch.add(xa, direction.sign(), alpha=alpha), self.low,
+                               self.high)
+        scale = alpha / _per_example(direction).sqrt().clamp(min=_TINY)
+        xa = xa + (direction * scale.view(_view(xa)).to(direction.dtype)).to(xa.dtype)
+        return self.project(xa)
+
+    def project(self, xa: Tensor) -> Tensor:
+        if self.norm == "linf":
+            return torch.clamp(xa, self.low, self.high)
+        delta = xa - self.x
         n = _per_example(delta).sqrt()
-        factor = torch.where(n > eps, eps / n.clamp(min=_TINY), torch.ones_like(n))
-        delta = delta * factor.view(_view(x)).to(delta.dtype)
-    return (x + delta).clamp(lo, hi)
+        factor = torch.where(n > self.eps, self.eps / n.clamp(min=_TINY), torch.ones_like(n))
+        return (self.x + delta * factor.view(_view(self.x)).to(delta.dtype)).clamp(self.lo,
+                                                                               self.hi)
 
 
 def _distances(xa: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,6 +214,7 @@ def pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 40,
         best_loss = torch.where(better, value, best_loss)
         best_ok = best_ok | ok
 
+    ball = _Ball(x0, eps, norm, lo, hi)
     for _ in range(restarts):
         xa = _random_start(x0, eps, norm, g).clamp(lo, hi) if random_start else x0.clone()
         for _ in tqdm(range(steps), desc="PGD", disable=not progress, leave=False):
@@ -212,7 +223,7 @@ def pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 40,
             (grad,) = torch.autograd.grad(value.sum(), [xa])
             keep(xa, value, ok)
             with torch.no_grad():
-                xa = _project(_step(xa.detach(), grad, alpha, norm), x0, eps, norm, lo, hi)
+                xa = ball.step(xa.detach(), grad, alpha)
         with torch.no_grad():
             value, ok = _objective(decision_logits(model, xa), cls, targeted, guarded, loss)
         keep(xa, value, ok)
@@ -299,6 +310,7 @@ def orthogonal_pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int 
         pred = (z.float() + extra).argmax(1)
         return pred == t if targeted else pred != y
 
+    ball = _Ball(x0, eps, norm, lo, hi)
     xa = x0.clone()
     if random_start:
         xa = _random_start(x0, eps, norm, generator_for(seed, x.device)).clamp(lo, hi)
@@ -331,7 +343,7 @@ def orthogonal_pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int 
                                         _orthogonal(grad_f, grad_g))
             else:
                 direction = torch.where(crossed, grad_g, grad_f)
-            xa = _project(_step(xa.detach(), direction, alpha, norm), x0, eps, norm, lo, hi)
+            xa = ball.step(xa.detach(), direction, alpha)
     with torch.no_grad():
         z, s = guarded.logits_and_score(xa)
         keep(xa, z, s)
