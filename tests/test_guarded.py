@@ -251,3 +251,26 @@ def test_triton_kernel_path_with_the_gpu_launch_grid(guarded, monkeypatch):
         outs[backend] = (out.detach(), grad)
     torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs["triton"][1], outs["torch"][1], rtol=1e-3, atol=1e-4)
+
+
+def test_the_repos_attacks_run_on_the_pair(guarded):
+    """fgsm, bim, cw_l2 and jsma take any decision-logits model: on the guarded one a
+    targeted attack towards a real class must also evade the detector to succeed."""
+    from rce_fast.attacks import bim, cw_l2, fgsm, jsma
+    model, det, g = guarded
+    x, y = digits_tensors()
+    xs, ys = x[1650:1666], y[1650:1666]
+    target = (ys + 2) % 10
+    for adv in (fgsm(g, xs, 0.1, labels=ys), bim(g, xs, 0.1, labels=ys)):
+        assert adv.shape == xs.shape and adv.abs().max() <= 0.5
+    adv, info = cw_l2(g, xs, target, binary_search_steps=2, max_iterations=30, c_init=1.0,
+                      lr=0.05, return_info=True)
+    with torch.no_grad():
+        out = g(adv)
+        z, f = model.logits_and_features(adv)
+    ok = info.success
+    assert ok.any()
+    assert torch.equal(out.argmax(1)[ok], target[ok])
+    assert not det.detect(f, z.argmax(1))[ok].any()
+    adv, jinfo = jsma(g, xs[:4], target[:4], max_iterations=5, return_info=True)
+    assert adv.shape == (4, 1, 8, 8) and jinfo.success.shape == (4,)
