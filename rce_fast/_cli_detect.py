@@ -278,7 +278,11 @@ def _detect(args) -> int:
     on one of them stops all of them instead of leaving the others waiting."""
     import torch.distributed as dist
 
-    world, rank, _ = _distributed()
+    import torch
+
+    world, rank, local = _distributed()
+    if world > 1 and dist.get_backend() == "nccl":
+        torch.cuda.set_device(local)  # collectives and the default device: this rank's GPU
     out = Path(args.out)
     parts_dir = out.with_name(f".{out.name}.parts")
     try:

@@ -182,3 +182,54 @@ def orthogonal_pgd_reference(guarded, x, y, eps, steps, alpha, margin=0.05,
         if z[i].argmax().item() != int(y[i]) and s[i].item() > best_score[i]:
             best[i], found[i] = xa[i], True
     return torch.where(torch.as_tensor(found).view(-1, *[1] * (x.dim() - 1)), best, xa)
+
+
+# ------------------------------------------------- research-script scoring (baselines)
+
+def lid_scores_script(model, x, det, batch_size=100) -> np.ndarray:
+    """LID scores computed the way the research scripts compute LID: per minibatch,
+    activations copied to NumPy, scipy's cdist to each reference batch, a full sort of
+    every distance row, then scikit-learn-style arithmetic on the host."""
+    from scipy.spatial.distance import cdist
+    refs = [r.double().cpu().numpy() for r in det.references]
+    head = det.head
+    out = []
+    for i in range(0, len(x), batch_size):
+        with torch.no_grad():
+            acts = model.features_at(x[i:i + batch_size], list(det.layers))
+        cols = []
+        for a, ref in zip(acts, refs):
+            a = a.flatten(1).double().cpu().numpy()
+            est = np.zeros(len(a))
+            for batch in ref:
+                d = np.sort(cdist(a, batch), axis=1)[:, :det.k]
+                d = np.maximum(d, 1e-6)
+                est += -det.k / np.minimum(np.log(d / d[:, -1:]).sum(1), -1e-12)
+            cols.append(est / len(ref))
+        f = np.stack(cols, 1)
+        mean, scale = head.mean.cpu().numpy(), head.scale.cpu().numpy()
+        out.append(-(((f - mean) / scale) @ head.coef.cpu().numpy() + head.intercept))
+    return np.concatenate(out)
+
+
+def mahalanobis_scores_script(model, x, det, batch_size=100) -> torch.Tensor:
+    """Mahalanobis scores (no pre-processing) computed the way the authors' code does:
+    per class, the centred features' B x B Gram matrix through the precision, and its
+    diagonal; the layer scores then go through the regression on the host."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        with torch.no_grad():
+            acts = model.features_at(x[i:i + batch_size], list(det.layers))
+            cols = []
+            for a, g in zip(acts, det.gaussians):
+                f = (a.flatten(2).mean(2) if a.dim() > 2 else a).double()
+                per_class = []
+                for mu in g.means:
+                    zero_f = f - mu
+                    per_class.append(-(zero_f @ g.precision @ zero_f.T).diag())
+                cols.append(torch.stack(per_class, 1).max(1).values)
+        feats = torch.stack(cols, 1).cpu().numpy()
+        head = det.head
+        out.append(-(((feats - head.mean.cpu().numpy()) / head.scale.cpu().numpy())
+                     @ head.coef.cpu().numpy() + head.intercept))
+    return np.concatenate(out)
