@@ -102,6 +102,8 @@ def _objective(logits: Tensor, cls: Tensor, targeted: bool, avoid_flag: bool, lo
     """
     z = logits if logits.dtype == torch.float64 else logits.float()
     pred = z.argmax(1)
+    if not targeted and not avoid_flag and loss == "ce":
+        return F.cross_entropy(z, cls, reduction="none"), pred != cls
     rows = torch.arange(z.shape[0], device=z.device)
     if targeted:
         success = pred == cls
@@ -110,8 +112,6 @@ def _objective(logits: Tensor, cls: Tensor, targeted: bool, avoid_flag: bool, lo
         real = z[rows, cls]
         other = z.scatter(1, cls.unsqueeze(1), float("-inf")).amax(1)
         return real - other, success
-    if not avoid_flag and loss == "ce":
-        return F.cross_entropy(z, cls, reduction="none"), pred != cls
     avoid = torch.zeros_like(z, dtype=torch.bool)
     avoid[rows, cls] = True
     if avoid_flag:
