@@ -16,7 +16,9 @@ One module per concern:
 - :mod:`.scoring`: ``score_inputs`` / ``score_dataset`` for any detector;
 - :mod:`.guarded`: ``GuardedClassifier`` (classifier + detector as L + 1 logits);
 - :mod:`.lid`, :mod:`.mahalanobis`: the baseline detectors ``LIDDetector`` and
-  ``MahalanobisDetector``.
+  ``MahalanobisDetector``;
+- :mod:`.bundle`: ``save_detector`` / ``load_detector``, one file with any detector,
+  its held-out calibration scores and its model's fingerprint (the command line's).
 
 Everything is re-exported here, so ``from rce_fast.detect import X`` keeps working.
 """

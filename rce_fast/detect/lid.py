@@ -176,6 +176,9 @@ class LIDDetector(LayerDetector):
                 when they have N rows) are then left out of the regression, so no
                 training input is compared with itself or its own source.
             batch_size: inputs per forward pass.
+
+        Returns self. ``reference_index`` keeps the rows of the reference (or clean)
+        inputs that were drawn, ``references`` their activations per layer.
         """
         check_model(model)
         check_inputs(clean, "clean")
