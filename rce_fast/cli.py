@@ -1,10 +1,13 @@
-"""The ``rce-fast`` command line: demo, reproduce, train, attack, evaluate."""
+"""The ``rce-fast`` command line: demo, reproduce, train, attack, evaluate, fit-detector,
+detect."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from . import _cli_detect
 
 DATASET_HELP = ("digits (scikit-learn's bundled 8x8 digits, embedded), mnist (IDX files, "
                 "raw or .gz, torchvision names), cifar10 (cifar-10-batches-py), npz (your "
@@ -121,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=DATASET_HELP)
     a.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
     a.add_argument("--attack", required=True,
-                   choices=["fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "rand"],
-                   help="attack to run (C&W-wb needs a detector: see `evaluate`)")
-    a.add_argument("--eps", type=_eps, default=0.1, help="eps for fgsm/bim/ilcm/rand")
+                   choices=["fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "rand",
+                            *_cli_detect.ADAPTIVE_ATTACKS],
+                   help="attack to run; cw-wb and opgd attack the classifier and the "
+                        "--detector together, pgd too when --detector is given")
+    a.add_argument("--eps", type=_eps, default=0.1,
+                   help="eps for fgsm/bim/ilcm/rand, radius for pgd/opgd")
     a.add_argument("--n", type=_positive_int, default=1000, help="test images (default: 1000)")
     a.add_argument("--cw-steps", type=_positive_int, default=1000, help="C&W iterations")
     a.add_argument("--cw-search", type=_positive_int, default=9, help="C&W search steps")
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output .pt with x_adv, labels, info")
     a.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     a.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    _cli_detect.add_attack_arguments(a)
 
     e = sub.add_parser("evaluate", help="clean error and detection AUCs for saved attacks",
                        description="Clean test error of a checkpoint, and for each file from "
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-density width (default: the paper's for the objective)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     e.add_argument("--json", default=None, help="also write the results to this file")
+    _cli_detect.add_commands(sub, DATASET_HELP)
     return p
 
 
@@ -168,6 +176,8 @@ def _device(name):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _cli_detect.COMMANDS:
+            return _cli_detect.run(args)
         return _run(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"rce-fast {args.command}: error: {exc}", file=sys.stderr)
@@ -236,6 +246,8 @@ def _run(args) -> int:
     if args.command == "attack":
         from . import attacks as A
         x, y = x_te[:args.n].to(device), y_te[:args.n]
+        if args.attack in _cli_detect.ADAPTIVE_ATTACKS:
+            return _cli_detect.run_attack(args, model, x, y, device)
         cw = dict(binary_search_steps=args.cw_search, max_iterations=args.cw_steps,
                   c_init=args.cw_c_init,
                   seed=args.seed, return_info=True)

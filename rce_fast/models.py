@@ -85,6 +85,53 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
 
+    # -- per-layer activations (for the LID and Mahalanobis detectors)
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Names accepted by :meth:`features_at`, in forward order: "stem" (the first
+        convolution), "block1" ... "blockK" (each residual unit's output, K = 3n),
+        "features" (the 64-d last hidden layer) and "logits" (raw Z)."""
+        return (("stem",) + tuple(f"block{i + 1}" for i in range(len(self.blocks)))
+                + ("features", "logits"))
+
+    @property
+    def stage_layers(self) -> tuple[str, ...]:
+        """The stem, the end of the first two stages and the last hidden layer: the layers
+        Lee et al. (2018) read for their Mahalanobis layer ensemble on ResNets."""
+        n = len(self.blocks) // 3
+        return ("stem", f"block{n}", f"block{2 * n}", "features")
+
+    def features_at(self, x: Tensor, layers) -> list[Tensor]:
+        """Activations at the named ``layers`` (see :attr:`layer_names`) from ONE forward
+        pass that stops after the deepest layer asked for. Returns a list in the order
+        of ``layers``: (B, C, H, W) for "stem"/"blockK", (B, 64) for "features",
+        (B, L) for "logits"; each differentiable w.r.t. ``x``."""
+        names = self.layer_names
+        position = {name: i for i, name in enumerate(names)}
+        layers = list(layers)
+        for name in layers:
+            if name not in position:
+                raise ValueError(f"unknown layer {name!r}; this network has {list(names)}")
+        if not layers:
+            return []
+        last = max(position[name] for name in layers)
+        wanted, out = set(layers), {}
+        h = self.stem(x)
+        if "stem" in wanted:
+            out["stem"] = h
+        for i, block in enumerate(self.blocks, start=1):
+            if i > last:
+                break
+            h = block(h)
+            if f"block{i}" in wanted:
+                out[f"block{i}"] = h
+        if last >= position["features"]:
+            feats = F.leaky_relu(self.bn(h), _SLOPE).mean((2, 3))
+            out["features"] = feats
+            if "logits" in wanted:
+                out["logits"] = self.head(feats)
+        return [out[name] for name in layers]
+
 
 def resnet32(in_channels: int = 1, num_classes: int = 10) -> ResNet:
     return ResNet(5, in_channels, num_classes)
@@ -140,6 +187,40 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return decision_logits(self.net(x), self.objective)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Layers :meth:`features_at` accepts: the network's own ``layer_names`` when it
+        has ``features_at``, else only "features" and "logits"."""
+        names = getattr(self.net, "layer_names", None)
+        if names is not None and callable(getattr(self.net, "features_at", None)):
+            return tuple(names)
+        return ("features", "logits")
+
+    @property
+    def stage_layers(self) -> tuple[str, ...]:
+        """The network's ``stage_layers`` (Mahalanobis' default ensemble), else
+        ("features",)."""
+        return tuple(getattr(self.net, "stage_layers", ("features",)))
+
+    def features_at(self, x: Tensor, layers) -> list[Tensor]:
+        """Activations at the named ``layers`` in one forward pass (see
+        :meth:`ResNet.features_at`); "logits" are the DECISION logits (Z for CE, -Z for
+        RCE), like ``forward``. Networks without ``features_at`` offer "features" and
+        "logits" only."""
+        layers = list(layers)
+        if callable(getattr(self.net, "features_at", None)):
+            outs = self.net.features_at(x, layers)
+        else:
+            for name in layers:
+                if name not in ("features", "logits"):
+                    raise ValueError(f"unknown layer {name!r}: {type(self.net).__name__} has "
+                                     "no features_at, so only 'features' and 'logits' exist")
+            feats = self.net.forward_features(x)
+            raw = self.net.head(feats) if "logits" in layers else None
+            outs = [feats if name == "features" else raw for name in layers]
+        return [decision_logits(o, self.objective) if name == "logits" else o
+                for name, o in zip(layers, outs)]
 
     @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 1024) -> Tensor:

@@ -1,0 +1,440 @@
+"""The detection commands of ``rce-fast``: fit-detector, detect, and the adaptive attacks
+(cw-wb, pgd, opgd) of ``rce-fast attack``. ``rce_fast.cli`` wires them in."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from pathlib import Path
+
+COMMANDS = ("fit-detector", "detect")
+ADAPTIVE_ATTACKS = ("cw-wb", "pgd", "opgd")
+_KINDS = ("kdensity", "lid", "mahalanobis")
+_FIT_ATTACKS = ("fgsm", "bim", "pgd")
+
+
+def _fpr(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def add_commands(sub, dataset_help: str) -> None:
+    """Add the fit-detector and detect subcommands to ``sub``."""
+    f = sub.add_parser(
+        "fit-detector", help="fit a detector on a checkpoint's training data and save it",
+        description="Fit a K-density (default), LID or Mahalanobis detector for a trained "
+                    "checkpoint and save it with its threshold and the scores of held-out "
+                    "clean training inputs (so `detect --fpr` can set any threshold later). "
+                    "The training split is shuffled (--seed) and cut into a calibration "
+                    "part (held out), a regression part (LID / Mahalanobis: clean, noisy "
+                    "and --fit-attack adversarial inputs for their logistic regression) "
+                    "and the rest, which the detector is fitted on.")
+    f.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
+    f.add_argument("--dataset", default="digits",
+                   choices=["digits", "mnist", "cifar10", "npz"], help=dataset_help)
+    f.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
+    f.add_argument("--out", required=True, help="detector file to write (.pt)")
+    f.add_argument("--kind", default="kdensity", choices=_KINDS,
+                   help="detector (default: %(default)s)")
+    f.add_argument("--fpr", type=_fpr, default=0.05,
+                   help="false-positive rate of the stored threshold (default: %(default)s)")
+    f.add_argument("--n-calibration", type=_positive_int, default=None,
+                   help="held-out clean inputs for the threshold (default: 10%% of the "
+                        "training split, at most 1000)")
+    f.add_argument("--n-regression", type=_positive_int, default=None,
+                   help="LID / Mahalanobis: inputs for the logistic regression (default: "
+                        "20%% of the training split, at most 1000)")
+    f.add_argument("--n-fit", type=_positive_int, default=None,
+                   help="at most this many inputs to fit on (default: all the rest)")
+    f.add_argument("--per-class", type=_positive_int, default=1000,
+                   help="K-density: bank features per class (default: %(default)s)")
+    f.add_argument("--sigma2", type=_positive, default=None,
+                   help="K-density width (default: the paper's for the objective)")
+    f.add_argument("--kernel-points", type=_positive_int, default=100,
+                   help="K-density: points per class of the C&W-wb median threshold "
+                        "(default: %(default)s)")
+    f.add_argument("--k", type=_positive_int, default=20, help="LID: neighbours (default: 20)")
+    f.add_argument("--lid-batch", type=_positive_int, default=100,
+                   help="LID: size of a reference minibatch (default: %(default)s)")
+    f.add_argument("--lid-batches", type=_positive_int, default=1,
+                   help="LID: reference minibatches averaged (default: %(default)s)")
+    f.add_argument("--noise", type=_non_negative, default=0.0,
+                   help="Mahalanobis: input pre-processing magnitude (default: 0, off)")
+    f.add_argument("--fit-attack", default="fgsm", choices=_FIT_ATTACKS,
+                   help="LID / Mahalanobis: attack crafting the adversarial training "
+                        "inputs (default: %(default)s)")
+    f.add_argument("--fit-eps", type=_positive, default=0.1,
+                   help="eps of --fit-attack (L-inf; default: %(default)s)")
+    f.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="inputs per forward pass (default: %(default)s)")
+    f.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    f.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser(
+        "detect", help="score a file of images with a saved detector",
+        description="Stream the images of FILE (.npy, .npz, or .pt; memory-mapped or read "
+                    "block by block, so it may be larger than memory) through the "
+                    "classifier and the detector, and write, per input, the score "
+                    "(higher = more normal), the predicted class and the flag (score "
+                    "below the threshold) to an .npz (score, prediction, flagged, "
+                    "threshold, fpr). Under torchrun the input is split across the "
+                    "processes and one merged file is written.")
+    d.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
+    d.add_argument("--detector", required=True, help="file from `rce-fast fit-detector`")
+    d.add_argument("--input", required=True, help="images: .npy, .npz or .pt")
+    d.add_argument("--key", default=None,
+                   help="array to read in an .npz or a dict .pt (default: x_adv, images, "
+                        "x, inputs, x_test, or the only one)")
+    d.add_argument("--out", required=True, help="output .npz")
+    d.add_argument("--fpr", type=_fpr, default=None,
+                   help="flag at this false-positive rate, from the detector's held-out "
+                        "calibration scores (default: the detector's stored threshold)")
+    d.add_argument("--scale", default="auto", choices=["auto", "uint8", "unit", "centered"],
+                   help="pixel range: uint8 0..255, unit [0, 1], centered [-0.5, 0.5]; "
+                        "auto decides as rce_fast.data does (default)")
+    d.add_argument("--batch-size", type=_positive_int, default=512,
+                   help="inputs per batch (default: %(default)s)")
+    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_attack_arguments(a) -> None:
+    """The options of the adaptive attacks on the `attack` subparser."""
+    a.add_argument("--detector", default=None,
+                   help="detector file (`rce-fast fit-detector`): needed by cw-wb and opgd; "
+                        "with pgd it makes the attack adaptive (the guarded classifier)")
+    a.add_argument("--fpr", type=_fpr, default=None,
+                   help="detector threshold at this FPR (default: the file's threshold)")
+    a.add_argument("--norm", default="linf", choices=["linf", "l2"],
+                   help="pgd / opgd threat model (default: %(default)s; --eps is its radius)")
+    a.add_argument("--steps", type=_positive_int, default=None,
+                   help="pgd / opgd iterations (default: 40 / 100)")
+    a.add_argument("--step-size", type=_positive, default=None,
+                   help="pgd / opgd step (default: 2.5 eps / steps for pgd, eps / 8 opgd)")
+    a.add_argument("--restarts", type=_positive_int, default=1,
+                   help="pgd random restarts (default: %(default)s)")
+
+
+def run(args) -> int:
+    """Run a command of :data:`COMMANDS`."""
+    if args.command == "fit-detector":
+        return _fit_detector(args)
+    return _detect(args)
+
+
+# ------------------------------------------------------------------------- fit-detector
+
+def _batched(fn, x, batch_size, device):
+    import torch
+    outs = [fn(xb.to(device)) for xb in x.split(batch_size)]
+    return torch.cat([o.cpu() for o in outs])
+
+
+def _fit_detector(args) -> int:
+    import torch
+
+    from .attacks import bim, fgsm, pgd
+    from .cli import _device
+    from .data import load_dataset
+    from .detect import (KDensityDetector, LIDDetector, MahalanobisDetector, noisy_like,
+                         score_dataset, threshold_at_fpr)
+    from .detect.bundle import save_detector
+    from .train import load_classifier
+
+    device = _device(args.device)
+    model = load_classifier(args.checkpoint, device)
+    x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
+    n = len(x_tr)
+    n_cal = args.n_calibration or min(1000, max(1, n // 10))
+    n_reg = 0 if args.kind == "kdensity" else (args.n_regression or min(1000, max(2, n // 5)))
+    if n_cal + n_reg >= n:
+        raise ValueError(f"the training split has {n} inputs: too few for "
+                         f"{n_cal} calibration + {n_reg} regression inputs and a fit part")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    cal, reg, fit = perm[:n_cal], perm[n_cal:n_cal + n_reg], perm[n_cal + n_reg:]
+    if args.n_fit:
+        fit = fit[:args.n_fit]
+    x_fit, y_fit = x_tr[fit], y_tr[fit]
+    progress = not args.quiet
+    kernel_points = None
+    if args.kind == "kdensity":
+        with torch.no_grad():
+            feats = _batched(model.features, x_fit, args.batch_size, device).to(device)
+        det = KDensityDetector(sigma2=args.sigma2, per_class=args.per_class, seed=args.seed,
+                               objective=model.objective)
+        labels = y_fit.to(device)
+        det.fit(feats, labels, num_classes=int(y_tr.max()) + 1)
+        det.class_medians(feats, labels, kernel_points=args.kernel_points)
+        kernel_points = args.kernel_points
+    else:
+        x_reg, y_reg = x_tr[reg], y_tr[reg]
+        attack = {"fgsm": lambda xb, yb: fgsm(model, xb, args.fit_eps, labels=yb),
+                  "bim": lambda xb, yb: bim(model, xb, args.fit_eps, labels=yb,
+                                            project=True),
+                  "pgd": lambda xb, yb: pgd(model, xb, args.fit_eps, steps=20, labels=yb,
+                                            seed=args.seed)}[args.fit_attack]
+        adv = torch.cat([attack(xb.to(device), yb.to(device)).cpu() for xb, yb in
+                         zip(x_reg.split(args.batch_size), y_reg.split(args.batch_size))])
+        noisy = noisy_like(x_reg, adv, seed=args.seed)
+        if args.kind == "lid":
+            det = LIDDetector(k=args.k, batch_size=args.lid_batch,
+                              reference_batches=args.lid_batches, seed=args.seed)
+            det.fit(model, x_reg, adv, noisy, reference=x_fit, batch_size=args.batch_size,
+                    progress=progress)
+        else:
+            det = MahalanobisDetector(noise=args.noise, seed=args.seed)
+            det.fit(model, x_fit, y_fit, adv, noisy, clean=x_reg,
+                    num_classes=int(y_tr.max()) + 1, batch_size=args.batch_size,
+                    progress=progress)
+    _, cal_scores = score_dataset(model, det, x_tr[cal], args.batch_size, progress,
+                                  "calibration")
+    det.threshold = threshold_at_fpr(cal_scores, args.fpr)
+    save_detector(args.out, det, cal_scores, args.fpr, model, kernel_points,
+                  meta={"checkpoint": str(args.checkpoint), "dataset": args.dataset,
+                        "n_fit": int(len(fit)), "n_regression": int(n_reg),
+                        "n_calibration": int(n_cal), "seed": int(args.seed)})
+    flagged = float((cal_scores < det.threshold).double().mean())
+    print(f"fit-detector: {args.kind} on {len(fit)} inputs ({n_reg} for the regression), "
+          f"threshold {det.threshold:.6g} at FPR {args.fpr:g} on {n_cal} held-out inputs "
+          f"(flags {flagged:.3f} of them) -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- detect
+
+def _distributed():
+    from .train import _distributed as init
+    return init()
+
+
+def _agree(world: int, values: list[float], op: str) -> list[float]:
+    """All-reduce a few floats across ranks (MIN or MAX); identity with one process."""
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def _write_npz(path: Path, parts: dict, scalars: dict) -> None:
+    """One .npz from per-rank .npy parts {name: [paths in rank order]}, streamed member by
+    member (memory holds one block), written to a temporary file and renamed."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, files in parts.items():
+            arrays = [np.load(f, mmap_mode="r") for f in files]
+            total = sum(len(a) for a in arrays)
+            dtype = arrays[0].dtype
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                npy.write_array_header_2_0(out, {"descr": npy.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (total,)})
+                for a in arrays:
+                    for i in range(0, len(a), 1 << 20):
+                        out.write(np.ascontiguousarray(a[i:i + (1 << 20)]).tobytes())
+        for name, value in scalars.items():
+            with zf.open(f"{name}.npy", "w") as out:
+                npy.write_array(out, np.asarray(value))
+    os.replace(tmp, path)
+
+
+def _detect(args) -> int:
+    """Score FILE in blocks; under torchrun each process takes a contiguous shard and
+    writes it to its own .npy parts, then rank 0 merges them into one .npz. Every
+    process agrees (all-reduce) on failures before each collective step, so an error
+    on one of them stops all of them instead of leaving the others waiting."""
+    import torch.distributed as dist
+
+    import torch
+
+    world, rank, local = _distributed()
+    if world > 1 and dist.get_backend() == "nccl":
+        torch.cuda.set_device(local)  # collectives and the default device: this rank's GPU
+    out = Path(args.out)
+    parts_dir = out.with_name(f".{out.name}.parts")
+    try:
+        return _detect_shard(args, world, rank, out, parts_dir)
+    finally:
+        if rank == 0:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _raise_if_any(world: int, error: Exception | None, what: str) -> None:
+    if _agree(world, [1.0 if error is not None else 0.0], "max")[0]:
+        if error is not None:
+            raise error
+        raise ValueError(f"another process failed {what} (see its message)")
+
+
+def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path) -> int:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from .cli import _device
+    from .detect import score_inputs
+    from .detect.bundle import check_model, load_detector
+    from .streaming import check_layout, choose_scale, open_array, scan_range, to_model_images
+    from .train import load_classifier
+
+    error = None
+    try:
+        device = _device(args.device)
+        model = load_classifier(args.checkpoint, device)
+        file = load_detector(args.detector, device)
+        check_model(file, model, f" {args.detector}")
+        threshold = file.threshold_for(args.fpr)
+        source = open_array(args.input, args.key)
+        _, channels_last = check_layout(source.shape, args.input)
+        n = len(source)
+        if n == 0:
+            raise ValueError(f"{args.input} holds no images")
+        start, stop = rank * n // world, (rank + 1) * n // world
+        if rank == 0:
+            parts_dir.mkdir(parents=True, exist_ok=True)
+    except (FileNotFoundError, ValueError, TypeError, SystemExit) as exc:
+        error = exc if not isinstance(exc, SystemExit) else ValueError(str(exc))
+    _raise_if_any(world, error, "before scoring")
+    # The pixel range: one streamed pass over this shard also finds NaN / inf before any
+    # scoring starts; the processes agree on one scale.
+    scale, lo, hi = args.scale, math.inf, -math.inf
+    if scale == "auto" or source.dtype.kind == "f":
+        try:
+            lo, hi = scan_range(source, start, stop)
+        except ValueError as exc:
+            error = exc
+    _raise_if_any(world, error, "checking its part of the input")
+    lo, neg_hi = _agree(world, [lo, -hi], "min")
+    if scale == "auto":
+        scale = choose_scale(source.dtype, lo, -neg_hi)
+    names = {"score": np.float64, "prediction": np.int64, "flagged": np.bool_}
+    arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy", mode="w+",
+                                           dtype=dt, shape=(stop - start,))
+              for k, dt in names.items()}
+    bar = tqdm(total=stop - start, desc="detect", disable=args.quiet or rank != 0,
+               unit="img")
+    try:
+        for i in range(start, stop, args.batch_size):
+            j = min(stop, i + args.batch_size)
+            x = to_model_images(source.read(i, j), scale, channels_last).to(device)
+            with torch.no_grad():
+                logits, s = score_inputs(model, file.detector, x)
+            s = s.detach().double()
+            arrays["score"][i - start:j - start] = s.cpu().numpy()
+            arrays["prediction"][i - start:j - start] = logits.argmax(1).cpu().numpy()
+            arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
+            bar.update(j - i)
+        for a in arrays.values():
+            a.flush()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        error = ValueError(f"scoring failed: {str(exc).splitlines()[0]}")
+    finally:
+        bar.close()
+        source.close()
+    del arrays
+    _raise_if_any(world, error, "while scoring")
+    if rank == 0:
+        parts = {k: [parts_dir / f"rank{r}_{k}.npy" for r in range(world)] for k in names}
+        _write_npz(out, parts, {"threshold": np.float64(threshold),
+                                "fpr": np.float64(math.nan if args.fpr is None
+                                                  else args.fpr)})
+        with np.load(out) as z:
+            flagged = int(z["flagged"].sum())
+        print(f"detect: {n} inputs ({scale} pixels), {flagged} flagged "
+              f"({flagged / n:.1%}) at threshold {threshold:.6g} -> {out}")
+    if world > 1:
+        dist.barrier()  # the parts are removed only once every process is done
+    return 0
+
+
+# ---------------------------------------------------------------------- adaptive attacks
+
+def run_attack(args, model, x, y, device) -> int:
+    """`rce-fast attack --attack cw-wb|pgd|opgd`: craft, save, and report."""
+    import torch
+
+    from . import attacks as A
+    from .detect import GuardedClassifier, score_dataset
+    from .detect.bundle import check_model, load_detector
+
+    file = None
+    if args.detector is not None:
+        file = load_detector(args.detector, device)
+        check_model(file, model, f" {args.detector}")
+    elif args.attack in ("cw-wb", "opgd"):
+        raise ValueError(f"--attack {args.attack} needs --detector (from `rce-fast "
+                         "fit-detector`)")
+    threshold = None if file is None else file.threshold_for(args.fpr)
+    if args.attack == "cw-wb":
+        if file.kind != "kdensity" or getattr(file.detector, "median_index", None) is None:
+            raise ValueError("cw-wb attacks the K-density detector: pass a kdensity detector "
+                             "file from `rce-fast fit-detector` (it has the class medians)")
+        s1 = dict(max_iterations=args.cw_steps, c_init=10.0,
+                  binary_search_steps=min(3, args.cw_search))
+        s2 = dict(max_iterations=args.cw_steps, c_init=100.0,
+                  binary_search_steps=args.cw_search)
+        adv, info = A.cw_wb(model, x, "random", file.detector, kappa=5.0, stage1=s1,
+                            stage2=s2, seed=args.seed, return_info=True)
+    else:
+        steps = args.steps or (40 if args.attack == "pgd" else 100)
+        common = dict(norm=args.norm, steps=steps, step_size=args.step_size,
+                      labels=y.to(device), seed=args.seed, return_info=True)
+        target = model if file is None else GuardedClassifier(model, file.detector,
+                                                              threshold)
+        if args.attack == "pgd":
+            adv, info = A.pgd(target, x, args.eps, restarts=args.restarts, **common)
+        else:
+            adv, info = A.orthogonal_pgd(target, x, args.eps, **common)
+    payload = {"attack": args.attack, "x_adv": adv.cpu(), "labels": y, "n": args.n,
+               "detector": args.detector, "threshold": threshold,
+               "info": {k: v.cpu() if torch.is_tensor(v) else v
+                        for k, v in info.as_dict().items()}}
+    torch.save(payload, args.out)
+    with torch.no_grad():
+        pred = model.predict(adv).cpu()
+    wrong = (pred != y).double()
+    line = f"{args.attack}: {args.n} examples, {wrong.mean().item():.1%} misclassified"
+    if file is not None:
+        _, scores = score_dataset(model, file.detector, adv.cpu())
+        flagged = scores < threshold
+        robust = (flagged | (pred == y)).double().mean().item()
+        line += (f", {flagged.double().mean().item():.1%} flagged, robust accuracy "
+                 f"{robust:.1%} at threshold {threshold:.6g}")
+    print(f"{line} -> {args.out}")
+    return 0

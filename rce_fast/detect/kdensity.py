@@ -1,0 +1,139 @@
+"""The K-density op: a per-class Gaussian kernel density in log space.
+
+    KD(z) = mean_{x in bank_c} exp(-||z - x||^2 / sigma2)
+
+returned in LOG space (the plain formula underflows to 0 beyond ||z - x||^2 ~ 40 sigma2).
+On CUDA a fused Triton kernel computes it tile by tile with no N x M matrix in memory;
+on CPU a blocked PyTorch path keeps memory bounded the same way. :class:`BankIndex`
+groups a bank by class once; :class:`QueryPlan` groups a fixed set of query classes once
+(an attack's inner loop re-uses it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import ops  # noqa: F401  (registers torch.ops.rce_fast.kdensity_*)
+from .._torch_impl import acc_dtype
+from ._checks import _check_features, _check_labels, _check_sigma2
+
+
+@dataclass
+class BankIndex:
+    """A kernel bank grouped by class: rows of class c are bank[offsets[c]:offsets[c+1]].
+
+    Rows are stored centred on their class mean (``centers``): distances do not change,
+    and the ||a||^2 + ||b||^2 - 2ab form loses far less to cancellation.
+    """
+    bank: Tensor       # (M, D), class-sorted and centred, in the features' dtype
+    offsets: Tensor    # (C + 1,) int64
+    counts: Tensor     # (C,) int64
+    centers: Tensor    # (C, D) in the accumulation dtype
+    num_classes: int
+
+
+def _offsets(counts: Tensor) -> Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None = None
+                     ) -> BankIndex:
+    """Group (and centre) a kernel bank by class for :func:`kdensity_indexed`."""
+    _check_features(bank, "bank")
+    if bank.shape[0] == 0:
+        raise ValueError("bank is empty: K-density needs at least one bank row")
+    _check_labels(bank_labels, "bank_labels", bank.shape[0], bank.device)
+    labels = bank_labels.long()
+    c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    if int(labels.max()) >= c:
+        raise ValueError(f"bank_labels holds class {int(labels.max())} >= num_classes={c}")
+    acc = acc_dtype(bank.dtype)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=c)
+    sums = torch.zeros(c, bank.shape[1], dtype=acc, device=bank.device)
+    sums.index_add_(0, labels, bank.to(acc))
+    centers = sums / counts.clamp(min=1).unsqueeze(1).to(acc)
+    sorted_labels = labels[order]
+    centred = (bank[order].to(acc) - centers[sorted_labels]).to(bank.dtype)
+    return BankIndex(centred, _offsets(counts), counts, centers, c)
+
+
+class QueryPlan:
+    """The class grouping of a fixed set of query classes, computed (and checked) once, so
+    that repeated K-density calls on changing features (an attack's inner loop) do no
+    re-sorting and no checks."""
+
+    def __init__(self, query_classes: Tensor, index: BankIndex) -> None:
+        cls = query_classes.long()
+        if cls.numel() and int(cls.max()) >= index.num_classes:
+            raise ValueError(f"query_classes holds class {int(cls.max())} but the bank has "
+                             f"{index.num_classes} classes")
+        empty = index.counts[cls] == 0
+        if bool(empty.any()):
+            missing = sorted(set(cls[empty].tolist()))
+            raise ValueError(f"query_classes asks for classes with no bank rows: {missing}")
+        self.order = torch.argsort(cls, stable=True)
+        self.cls_sorted = cls[self.order]
+        self.q_offsets = _offsets(torch.bincount(cls, minlength=index.num_classes))
+        self.log_counts = index.counts[self.cls_sorted].log()
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
+
+
+def kdensity_planned(queries: Tensor, plan: QueryPlan, index: BankIndex,
+                     sigma2: float) -> Tensor:
+    """Log K-density with a precomputed :class:`QueryPlan` (no argument checks)."""
+    acc = acc_dtype(queries.dtype)
+    if queries.shape[0] == 0:
+        return queries.new_empty(0, dtype=acc)
+    q_sorted = (queries[plan.order].to(acc) - index.centers[plan.cls_sorted]).to(queries.dtype)
+    lse = torch.ops.rce_fast.kdensity_lse(q_sorted, plan.q_offsets, index.bank, index.offsets,
+                                          sigma2)
+    return (lse - plan.log_counts.to(lse.dtype))[plan.inverse]
+
+
+def kdensity_indexed(queries: Tensor, query_classes: Tensor, index: BankIndex,
+                     sigma2: float) -> Tensor:
+    """Log K-density of ``queries`` against a prepared :class:`BankIndex` (see kdensity)."""
+    _check_features(queries, "queries", index.bank.shape[1])
+    if queries.dtype != index.bank.dtype:
+        raise TypeError(f"queries are {queries.dtype} but the bank is {index.bank.dtype}")
+    if queries.device != index.bank.device:
+        raise ValueError(f"queries are on {queries.device} but the bank is on "
+                         f"{index.bank.device}")
+    _check_labels(query_classes, "query_classes", queries.shape[0], queries.device)
+    sigma2 = _check_sigma2(sigma2)
+    acc = acc_dtype(queries.dtype)
+    if queries.shape[0] == 0:
+        return queries.new_empty(0, dtype=acc)
+    return kdensity_planned(queries, QueryPlan(query_classes, index), index, sigma2)
+
+
+def kdensity(queries: Tensor, bank: Tensor, bank_labels: Tensor, query_classes: Tensor,
+             sigma2: float) -> Tensor:
+    """Log K-density: ``log mean_{j: bank_labels[j] == query_classes[i]} exp(-||q_i - x_j||^2 / sigma2)``.
+
+    Args:
+        queries: (N, D) features z_i (float16/bfloat16/float32/float64).
+        bank: (M, D) kernel points x_j, same dtype and device as ``queries``.
+        bank_labels: (M,) integer class of each bank row.
+        query_classes: (N,) integer class whose bank each query is compared with
+            (the predicted class in detection); every such class needs >= 1 bank row.
+        sigma2: kernel width > 0 (no factor 2, no normalising constant).
+
+    Returns:
+        (N,) float32 (float64 for float64 input), differentiable w.r.t. ``queries``:
+        d/dz = (2 / sigma2) (sum_j p_j x_j - z), p the softmax over the class's bank.
+        Memory is O(N + M) beyond the inputs: no N x M matrix is formed.
+    """
+    _check_features(queries, "queries")
+    _check_features(bank, "bank", queries.shape[1])
+    if bank.dtype != queries.dtype:
+        raise TypeError(f"bank is {bank.dtype} but queries are {queries.dtype}; use one dtype")
+    if bank.device != queries.device:
+        raise ValueError(f"bank is on {bank.device} but queries are on {queries.device}")
+    return kdensity_indexed(queries, query_classes, build_bank_index(bank, bank_labels),
+                            sigma2)
+

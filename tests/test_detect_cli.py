@@ -1,0 +1,222 @@
+"""rce-fast fit-detector / detect / attack (adaptive), the block readers behind detect,
+and detect under torchrun (2 CPU processes, gloo)."""
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from rce_fast.cli import main
+from rce_fast.data import load_digits_split
+from rce_fast.detect import threshold_at_fpr
+from rce_fast.detect.bundle import load_detector, model_fingerprint
+from rce_fast.streaming import _Mapped, _ZipStream, open_array
+from rce_fast.train import load_classifier
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A briefly trained RCE ResNet-8 on digits and the three detectors fitted on it."""
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = root / "rce.pt"
+    assert main(["train", "--objective", "rce", "--model", "resnet8", "--steps", "20",
+                 "--out", str(ckpt), "--quiet"]) == 0
+    files = {}
+    for kind, extra in (("kdensity", ["--per-class", "20", "--kernel-points", "10"]),
+                        ("lid", ["--n-regression", "80", "--k", "10", "--lid-batch", "40"]),
+                        ("mahalanobis", ["--n-regression", "80", "--noise", "0.005"])):
+        files[kind] = root / f"{kind}.pt"
+        assert main(["fit-detector", "--checkpoint", str(ckpt), "--out", str(files[kind]),
+                     "--kind", kind, "--n-calibration", "150", "--n-fit", "400",
+                     "--quiet", *extra]) == 0
+    _, _, x, y = load_digits_split()
+    return root, ckpt, files, x, y
+
+
+def test_fit_detector_files(trained):
+    root, ckpt, files, _, _ = trained
+    model = load_classifier(ckpt)
+    for kind, path in files.items():
+        f = load_detector(path)
+        assert f.kind == kind and f.fpr == 0.05
+        assert f.model_fingerprint == model_fingerprint(model)
+        cal = f.calibration_scores
+        assert len(cal) == 150 and torch.equal(cal, cal.sort().values)
+        assert f.threshold == threshold_at_fpr(cal, 0.05) == f.detector.threshold
+        assert f.meta["checkpoint"] == str(ckpt) and f.meta["n_calibration"] == 150
+    kd = load_detector(files["kdensity"]).detector
+    assert kd.median_index is not None and kd.medians.shape == (10,)
+    assert torch.bincount(kd.bank_labels).tolist() == [20] * 10
+    assert load_detector(files["lid"]).meta["n_fit"] == 400
+
+
+def _write_inputs(root, x):
+    """The same images as .npy (uint8, N x H x W), .npz stored, .npz compressed (N, H, W,
+    C floats), and a dict .pt like `rce-fast attack` writes."""
+    u8 = ((x.numpy() + 0.5) * 255).round().astype(np.uint8)
+    paths = {"npy": root / "imgs.npy", "npz": root / "imgs.npz",
+             "npz_c": root / "imgs_c.npz", "pt": root / "imgs.pt"}
+    np.save(paths["npy"], u8[:, 0])
+    np.savez(paths["npz"], images=u8, labels=np.arange(len(u8)))
+    np.savez_compressed(paths["npz_c"], images=x.numpy().transpose(0, 2, 3, 1))
+    torch.save({"x_adv": x, "labels": torch.arange(len(x))}, paths["pt"])
+    return paths, torch.from_numpy(u8.astype(np.float32) / 255.0 - 0.5)
+
+
+def test_detect_every_format_and_the_fpr_option(trained):
+    root, ckpt, files, x, _ = trained
+    x = x[:300]
+    paths, x_u8 = _write_inputs(root, x)
+    model = load_classifier(ckpt)
+    f = load_detector(files["kdensity"])
+    results = {}
+    for name, path in paths.items():
+        out = root / f"scores_{name}.npz"
+        assert main(["detect", "--checkpoint", str(ckpt), "--detector",
+                     str(files["kdensity"]), "--input", str(path), "--out", str(out),
+                     "--batch-size", "64", "--quiet"]) == 0
+        with np.load(out) as z:
+            results[name] = {k: z[k] for k in z.files}
+        assert not (root / f".scores_{name}.npz.parts").exists()
+    for name, images in (("npy", x_u8), ("npz", x_u8), ("npz_c", x), ("pt", x)):
+        r = results[name]
+        assert r["score"].shape == (300,) and r["prediction"].dtype == np.int64
+        with torch.no_grad():
+            z, feats = model.logits_and_features(images)
+            want = f.detector.score(feats, z.argmax(1)).double().numpy()
+        np.testing.assert_allclose(r["score"], want, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(r["prediction"], z.argmax(1).numpy())
+        assert np.array_equal(r["flagged"], r["score"] < r["threshold"])
+        assert float(r["threshold"]) == f.threshold and np.isnan(r["fpr"])
+    assert np.array_equal(results["npy"]["score"], results["npz"]["score"])
+    out = root / "scores_fpr.npz"
+    assert main(["detect", "--checkpoint", str(ckpt), "--detector", str(files["lid"]),
+                 "--input", str(paths["pt"]), "--out", str(out), "--fpr", "0.2",
+                 "--quiet"]) == 0
+    with np.load(out) as z:
+        assert float(z["threshold"]) == load_detector(files["lid"]).threshold_for(0.2)
+        assert float(z["fpr"]) == 0.2
+
+
+def test_adaptive_attacks_from_the_command_line(trained, capsys):
+    root, ckpt, files, _, y = trained
+    outs = {}
+    for attack, extra in (("pgd", []), ("pgd", ["--detector", str(files["kdensity"])]),
+                          ("opgd", ["--detector", str(files["mahalanobis"])]),
+                          ("cw-wb", ["--detector", str(files["kdensity"]),
+                                     "--cw-steps", "10", "--cw-search", "1"])):
+        out = root / f"{attack}{len(extra)}.pt"
+        assert main(["attack", "--checkpoint", str(ckpt), "--attack", attack, "--n", "16",
+                     "--eps", "0.2", "--steps", "5", "--out", str(out), *extra]) == 0
+        outs[(attack, bool(extra))] = torch.load(out, weights_only=False)
+    text = capsys.readouterr().out
+    assert "robust accuracy" in text and "flagged" in text
+    for (attack, aware), saved in outs.items():
+        assert saved["x_adv"].shape == (16, 1, 8, 8) and saved["attack"] == attack
+        assert torch.equal(saved["labels"], y[:16])
+        assert (saved["x_adv"].abs() <= 0.5 + 1e-6).all()
+    assert outs[("pgd", True)]["threshold"] == load_detector(files["kdensity"]).threshold
+    assert "flagged" in outs[("pgd", True)]["info"] and "f2" in outs[("cw-wb", True)]["info"]
+    # the saved files feed `rce-fast evaluate` like the paper's attacks
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--adversarial",
+                 str(root / "pgd2.pt")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["detect", "--input", "missing.npy"], "input file missing.npy not found"),
+    (["detect", "--input", "{pt}", "--key", "nope"], "has no array 'nope'"),
+    (["detect", "--input", "{nan}"], "NaN or inf values (row 2)"),
+    (["detect", "--input", "{bad_shape}"], "images must be (N, H, W)"),
+    (["attack", "--attack", "opgd"], "needs --detector"),
+    (["attack", "--attack", "cw-wb", "--detector", "{lid}"], "cw-wb attacks the K-density"),
+    (["detect", "--input", "{pt}", "--detector", "{other_model}"], "different model"),
+])
+def test_user_errors_are_one_line_and_exit_2(trained, capsys, argv, message):
+    root, ckpt, files, x, _ = trained
+    nan = x[:5].clone().numpy()
+    nan[2, 0, 3, 3] = np.nan
+    np.save(root / "nan.npy", nan)
+    np.save(root / "bad_shape.npy", np.zeros((4, 5, 8, 8), np.float32))
+    torch.save({"x_adv": x[:10]}, root / "imgs10.pt")
+    other = load_detector(files["kdensity"])
+    other_path = root / "other.pt"
+    payload = torch.load(files["kdensity"], weights_only=True)
+    payload["model_fingerprint"] = "0" * 64
+    torch.save(payload, other_path)
+    fill = {"pt": root / "imgs10.pt", "nan": root / "nan.npy",
+            "bad_shape": root / "bad_shape.npy", "lid": files["lid"],
+            "other_model": other_path}
+    argv = [a.format(**fill) for a in argv]
+    command = argv[0]
+    rest = argv[1:]
+    base = ["--checkpoint", str(ckpt)]
+    if command == "detect":
+        if "--detector" not in rest:
+            base += ["--detector", str(files["kdensity"])]
+        base += ["--out", str(root / "err.npz"), "--quiet"]
+    else:
+        base += ["--n", "4", "--out", str(root / "err.pt")]
+    capsys.readouterr()
+    assert main([command, *base, *rest]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (root / "err.npz").exists() and not (root / ".err.npz.parts").exists()
+    assert other.kind == "kdensity"
+
+
+def test_block_readers(tmp_path):
+    a = np.arange(7 * 3 * 4, dtype=np.float32).reshape(7, 3, 4)
+    np.savez(tmp_path / "s.npz", images=a, other=np.ones(2))
+    np.savez_compressed(tmp_path / "c.npz", images=a)
+    np.save(tmp_path / "a.npy", a)
+    torch.save(torch.from_numpy(a), tmp_path / "t.pt")
+    torch.save(torch.from_numpy(a), tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    stored = open_array(tmp_path / "s.npz")
+    assert isinstance(stored, _Mapped) and isinstance(stored.array, np.memmap)
+    compressed = open_array(tmp_path / "c.npz")
+    assert isinstance(compressed, _ZipStream)
+    for src in (stored, compressed, open_array(tmp_path / "a.npy"),
+                open_array(tmp_path / "t.pt"), open_array(tmp_path / "legacy.pt")):
+        assert src.shape == (7, 3, 4) and len(src) == 7
+        for lo, hi in ((2, 5), (0, 1), (5, 7), (1, 3)):   # backwards too
+            assert np.array_equal(src.read(lo, hi), a[lo:hi])
+        src.close()
+    with zipfile.ZipFile(tmp_path / "s.npz") as zf:
+        assert zf.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
+    np.savez_compressed(tmp_path / "f.npz", images=np.asfortranarray(a))
+    with pytest.raises(ValueError, match="Fortran order"):
+        open_array(tmp_path / "f.npz")
+    with pytest.raises(ValueError, match="must be .npy, .npz or .pt"):
+        (tmp_path / "x.txt").write_text("1")
+        open_array(tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="holds \\['a', 'b'\\]"):
+        np.savez(tmp_path / "two.npz", a=a, b=a)
+        open_array(tmp_path / "two.npz")
+
+
+def test_detect_under_torchrun_writes_one_merged_file(trained):
+    """`rce-fast detect` under torchrun: 2 CPU processes (gloo) each score half the input;
+    the merged file equals the single-process one."""
+    root, ckpt, files, x, _ = trained
+    np.save(root / "run.npy", x[:101].numpy())        # odd: the shards differ in size
+    single = root / "single.npz"
+    assert main(["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+                 "--input", str(root / "run.npy"), "--out", str(single), "--quiet"]) == 0
+    merged = root / "merged.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port=29533", "-m", "rce_fast", "detect", "--checkpoint", str(ckpt),
+         "--detector", str(files["kdensity"]), "--input", str(root / "run.npy"), "--out",
+         str(merged), "--batch-size", "16", "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("detect: 101 inputs") == 1      # rank 0 reports
+    with np.load(single) as a, np.load(merged) as b:
+        assert a.files == b.files
+        np.testing.assert_allclose(b["score"], a["score"], rtol=1e-6, atol=1e-6)
+        assert np.array_equal(a["prediction"], b["prediction"])
+        assert np.array_equal(b["flagged"], b["score"] < b["threshold"])
+    assert not (root / ".merged.npz.parts").exists()
