@@ -134,7 +134,10 @@ def model_in_eval_mode(model):
         return
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.train(False)
+        # the flags themselves, not model.eval(): a wrapper may override train() to leave
+        # what it wraps alone (GuardedClassifier does, for attack libraries' sake)
+        for module, _ in flags:
+            module.training = False
         yield
     finally:
         for module, flag in flags:

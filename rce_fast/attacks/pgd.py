@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
-                      decision_logits, generator_for, resolve_target)
+                      decision_logits, generator_for, resolve_target, preserves_model_state)
 
 _NORMS = ("linf", "l2")
 _LOSSES = ("ce", "margin")
@@ -156,6 +156,7 @@ def _labels_and_target(clean: Tensor, labels, target, seed):
     return y, t
 
 
+@preserves_model_state
 def pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 40,
         step_size: float | None = None, random_start: bool = True, restarts: int = 1,
         target=None, labels=None, loss: str = "ce", clip=(-0.5, 0.5), seed: int = 0,
@@ -248,6 +249,7 @@ def _orthogonal(v: Tensor, u: Tensor) -> Tensor:
     return v - (coef.view(_view(v)) * u.to(dt)).to(v.dtype)
 
 
+@preserves_model_state
 def orthogonal_pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 100,
                    step_size: float | None = None, target=None, labels=None,
                    orthogonal: bool = True, margin: float = 0.05,
