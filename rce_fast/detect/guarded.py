@@ -23,28 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from .kd_detector import KDensityDetector
-from .kdensity import BankIndex, QueryPlan, _offsets, kdensity_planned
+from .kdensity import BankIndex, QueryPlan, kdensity_planned
 from .scoring import check_detector, score_inputs
 
 
 def _plan_without_sync(query_classes: Tensor, index: BankIndex) -> QueryPlan:
     """A :class:`QueryPlan` built on the device with no host synchronisation and no checks.
 
-    Valid when every class in ``query_classes`` is in [0, C) and has bank rows: true for
-    a classifier's arg max when L == C and the detector was fitted (``fit`` requires
-    every class). Same fields, same values as ``QueryPlan(query_classes, index)``.
+    Valid when every class in ``query_classes`` has bank rows: true for a classifier's
+    arg max when L == C and the detector was fitted on every class.
     """
-    cls = query_classes.long()
-    plan = QueryPlan.__new__(QueryPlan)
-    plan.order = torch.argsort(cls, stable=True)
-    plan.cls_sorted = cls[plan.order]
-    counts = torch.zeros(index.num_classes, dtype=torch.int64, device=cls.device)
-    counts.index_add_(0, cls, torch.ones_like(cls))
-    plan.q_offsets = _offsets(counts)
-    plan.log_counts = index.counts[plan.cls_sorted].log()
-    plan.inverse = torch.empty_like(plan.order)
-    plan.inverse[plan.order] = torch.arange(len(plan.order), device=cls.device)
-    return plan
+    return QueryPlan.unchecked(query_classes, index)
 
 
 class GuardedClassifier(nn.Module):

@@ -22,16 +22,54 @@ from ._checks import _check_features, _check_labels, _check_sigma2
 
 @dataclass
 class BankIndex:
-    """A kernel bank grouped by class: rows of class c are bank[offsets[c]:offsets[c+1]].
+    """A kernel bank grouped by class.
+
+    Only the classes present in the bank take memory: ``classes`` (C,) holds their label
+    values, sorted, and the rows of the k-th of them are bank[offsets[k]:offsets[k+1]]
+    (k is the class's *compact id*). ``num_classes`` is the size of the label space
+    (labels are in [0, num_classes)); when every label in it has bank rows (the usual
+    case, ``identity``), compact ids are the labels themselves. Time and memory follow
+    the number of rows and present classes, never the largest label value.
 
     Rows are stored centred on their class mean (``centers``): distances do not change,
     and the ||a||^2 + ||b||^2 - 2ab form loses far less to cancellation.
     """
     bank: Tensor       # (M, D), class-sorted and centred, in the features' dtype
     offsets: Tensor    # (C + 1,) int64
-    counts: Tensor     # (C,) int64
+    counts: Tensor     # (C,) int64, every count >= 1
     centers: Tensor    # (C, D) in the accumulation dtype
-    num_classes: int
+    num_classes: int   # size of the label space
+    classes: Tensor    # (C,) int64, the label value of each compact id, ascending
+    identity: bool     # classes == arange(num_classes)
+
+    def compact(self, labels: Tensor, name: str = "query_classes") -> Tensor:
+        """Compact ids (int64, same shape) of label values, checking that each has bank
+        rows (one host synchronisation)."""
+        cls = labels.long()
+        if cls.numel() == 0:
+            return cls
+        lo, hi = (int(v) for v in torch.aminmax(cls))
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds class {bad} but the bank has "
+                             f"{self.num_classes} classes")
+        if self.identity:
+            return cls
+        ids = torch.searchsorted(self.classes, cls).clamp_(max=len(self.classes) - 1)
+        found = self.classes[ids] == cls
+        if not bool(found.all()):
+            missing = torch.unique(cls[~found])
+            shown = missing[:20].tolist()
+            more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
+            raise ValueError(f"{name} asks for classes with no bank rows: {shown}{more}")
+        return ids
+
+    def compact_unchecked(self, labels: Tensor) -> Tensor:
+        """Compact ids with no check and no host synchronisation (labels known valid)."""
+        cls = labels.long()
+        if self.identity:
+            return cls
+        return torch.searchsorted(self.classes, cls).clamp_(max=len(self.classes) - 1)
 
 
 def _offsets(counts: Tensor) -> Tensor:
@@ -40,44 +78,62 @@ def _offsets(counts: Tensor) -> Tensor:
 
 def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None = None
                      ) -> BankIndex:
-    """Group (and centre) a kernel bank by class for :func:`kdensity_indexed`."""
+    """Group (and centre) a kernel bank by class for :func:`kdensity_indexed`.
+
+    ``num_classes``: the label space (default: the largest label + 1); classes without
+    bank rows cost nothing, and asking for them later is an error naming them.
+    """
     _check_features(bank, "bank")
     if bank.shape[0] == 0:
         raise ValueError("bank is empty: K-density needs at least one bank row")
     _check_labels(bank_labels, "bank_labels", bank.shape[0], bank.device)
     labels = bank_labels.long()
-    c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-    if int(labels.max()) >= c:
-        raise ValueError(f"bank_labels holds class {int(labels.max())} >= num_classes={c}")
+    classes, compact, counts = torch.unique(labels, sorted=True, return_inverse=True,
+                                            return_counts=True)
+    top = int(classes[-1])
+    if num_classes is None:
+        c = top + 1
+    else:
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        c = int(num_classes)
+        if top >= c:
+            raise ValueError(f"bank_labels holds class {top} >= num_classes={c}")
     acc = acc_dtype(bank.dtype)
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=c)
-    sums = torch.zeros(c, bank.shape[1], dtype=acc, device=bank.device)
-    sums.index_add_(0, labels, bank.to(acc))
-    centers = sums / counts.clamp(min=1).unsqueeze(1).to(acc)
-    sorted_labels = labels[order]
-    centred = (bank[order].to(acc) - centers[sorted_labels]).to(bank.dtype)
-    return BankIndex(centred, _offsets(counts), counts, centers, c)
+    order = torch.argsort(compact, stable=True)
+    sums = torch.zeros(len(classes), bank.shape[1], dtype=acc, device=bank.device)
+    sums.index_add_(0, compact, bank.to(acc))
+    centers = sums / counts.unsqueeze(1).to(acc)
+    centred = (bank[order].to(acc) - centers[compact[order]]).to(bank.dtype)
+    return BankIndex(centred, _offsets(counts), counts, centers, c, classes,
+                     len(classes) == c)
 
 
 class QueryPlan:
     """The class grouping of a fixed set of query classes, computed (and checked) once, so
     that repeated K-density calls on changing features (an attack's inner loop) do no
-    re-sorting and no checks."""
+    re-sorting and no checks. ``cls_sorted`` holds compact ids (see :class:`BankIndex`)."""
 
     def __init__(self, query_classes: Tensor, index: BankIndex) -> None:
-        cls = query_classes.long()
-        if cls.numel() and int(cls.max()) >= index.num_classes:
-            raise ValueError(f"query_classes holds class {int(cls.max())} but the bank has "
-                             f"{index.num_classes} classes")
-        empty = index.counts[cls] == 0
-        if bool(empty.any()):
-            missing = sorted(set(cls[empty].tolist()))
-            raise ValueError(f"query_classes asks for classes with no bank rows: {missing}")
-        self.order = torch.argsort(cls, stable=True)
-        self.cls_sorted = cls[self.order]
-        self.q_offsets = _offsets(torch.bincount(cls, minlength=index.num_classes))
-        self.log_counts = index.counts[self.cls_sorted].log()
+        self._build(index.compact(query_classes), index)
+
+    @classmethod
+    def unchecked(cls, query_classes: Tensor, index: BankIndex) -> "QueryPlan":
+        """Built on the device with no host synchronisation and no checks: valid when
+        every query class has bank rows (a classifier's arg max against a detector fitted
+        on every class)."""
+        plan = cls.__new__(cls)
+        plan._build(index.compact_unchecked(query_classes), index)
+        return plan
+
+    def _build(self, ids: Tensor, index: BankIndex) -> None:
+        self.order = torch.argsort(ids, stable=True)
+        self.cls_sorted = ids[self.order]
+        q_counts = torch.zeros(len(index.classes), dtype=torch.int64, device=ids.device)
+        q_counts.index_add_(0, ids, torch.ones_like(ids))
+        self.q_offsets = _offsets(q_counts)
+        # float64: the log of a count must not cap float64 results at float32 accuracy
+        self.log_counts = index.counts[self.cls_sorted].double().log()
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(self.order), device=self.order.device)
 
