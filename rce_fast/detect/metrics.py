@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._torch_impl import acc_dtype
+from .._torch_impl import acc_dtype, all_finite
 from ._checks import _FLOAT
+
 
 def _check_logits(x, name="decision_logits") -> None:
     if not isinstance(x, Tensor):
@@ -18,6 +19,8 @@ def _check_logits(x, name="decision_logits") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] < 2:
         raise ValueError(f"{name} must have shape (N, L) with L >= 2, got {tuple(x.shape)}")
+    if not all_finite(x):
+        raise ValueError(f"{name} contains NaN or inf values")
 
 
 def confidence(decision_logits: Tensor) -> Tensor:
@@ -42,20 +45,47 @@ def non_me(decision_logits: Tensor) -> Tensor:
 
 
 
+def _scores_1d(x, name: str) -> np.ndarray:
+    """Scores as a float64 NumPy vector: a 1-D tensor or array of real numbers, no NaN."""
+    if isinstance(x, Tensor):
+        if x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
+        arr = x.detach().cpu().double().numpy()
+    else:
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a tensor or array of scores, got "
+                            f"{type(x).__name__}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one score per input, shape (N,), got {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN scores ({int(np.isnan(arr).sum())} of "
+                         f"{arr.size}); a NaN cannot be ranked")
+    return arr
+
+
 def threshold_for_fpr(clean_scores: Tensor, fpr: float) -> float:
-    """Score threshold t such that a fraction ``fpr`` of clean scores fall below t."""
-    if clean_scores.numel() == 0:
+    """Score threshold t such that a fraction ``fpr`` of clean scores fall below t
+    (linear interpolation between order statistics, ``torch.quantile``)."""
+    scores = _scores_1d(clean_scores, "clean_scores")
+    if scores.size == 0:
         raise ValueError("clean_scores is empty: a threshold needs clean data")
-    return float(torch.quantile(clean_scores.double().cpu(), fpr))
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}")
+    return float(torch.quantile(torch.from_numpy(scores), float(fpr)))
 
 
 # -------------------------------------------------------------------------- AUC protocol
 
 def auc(pos_scores, neg_scores) -> float:
     """ROC AUC with positives scoring higher, by the rank-sum (Mann-Whitney) formula,
-    ties counted as half; equals sklearn's roc_auc_score."""
-    pos = np.asarray(pos_scores, dtype=np.float64).ravel()
-    neg = np.asarray(neg_scores, dtype=np.float64).ravel()
+    ties counted as half; equals sklearn's roc_auc_score. NaN when a side is empty;
+    a NaN score is an error (it cannot be ranked)."""
+    pos = _scores_1d(np.ravel(pos_scores) if not isinstance(pos_scores, Tensor)
+                     else pos_scores.reshape(-1), "pos_scores")
+    neg = _scores_1d(np.ravel(neg_scores) if not isinstance(neg_scores, Tensor)
+                     else neg_scores.reshape(-1), "neg_scores")
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     ranks = _midranks(np.concatenate([pos, neg]))
@@ -77,8 +107,10 @@ def auc_standard_error(pos_scores, neg_scores) -> float:
     Two AUCs from independent samples differ by noise alone when their gap is within
     about 2 * sqrt(se1^2 + se2^2). nan with fewer than two scores on either side.
     """
-    pos = np.asarray(pos_scores, dtype=np.float64).ravel()
-    neg = np.asarray(neg_scores, dtype=np.float64).ravel()
+    pos = _scores_1d(np.ravel(pos_scores) if not isinstance(pos_scores, Tensor)
+                     else pos_scores.reshape(-1), "pos_scores")
+    neg = _scores_1d(np.ravel(neg_scores) if not isinstance(neg_scores, Tensor)
+                     else neg_scores.reshape(-1), "neg_scores")
     m, n = len(pos), len(neg)
     if m < 2 or n < 2:
         return float("nan")
