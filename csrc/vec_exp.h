@@ -15,8 +15,9 @@
 //                values below 2^-126 cannot change a float result).
 //   x > kHi   -> +inf (kHi = the largest input whose exp is finite).
 //   NaN       -> NaN;  -inf -> 0;  +inf -> +inf;  0 -> exactly 1.
-// Maximum error over all inputs in [kLo, kHi]: measured by tests/test_cpu_exp.py
-// against a correctly rounded reference (float: <= 1 ulp, double: <= 1 ulp).
+// Maximum error in [kLo, kHi] against exp in higher precision: float 1.3625 ulp (every
+// one of the 2.24e9 float inputs, at x = 5.2007337), double 1.18 ulp (24 million random
+// inputs against long double); tests/test_cpu_exp.py checks <= 1.5 ulp on samples.
 //
 // Every operation is an IEEE add, multiply, compare or integer op on the bit pattern,
 // evaluated in the written order (the library compiles this with -ffp-contract=off), so
