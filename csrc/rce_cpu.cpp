@@ -41,6 +41,7 @@ namespace {
 constexpr int64_t kParallelElems = 1 << 16;
 constexpr int64_t kRowsPerTask = 16;
 constexpr int kLanes = 16;
+constexpr int64_t kBlock = 64 * kLanes;  // columns per first-level sum (see forward_rows)
 // Rows narrower than these take the row-lane kernels (forward, backward): there they do
 // less work per element than padded column lanes (the backward has no per-row reduction,
 // so only its padding is saved).
@@ -74,8 +75,8 @@ RCE_FAST_INLINE void forward_rows(const T* z, const int64_t* target, T* loss, T*
                                   int64_t i0, int64_t i1, int64_t L, int64_t stride,
                                   int64_t ignore_index, double inv_t, RowsResult<T>* res) {
   const T it = static_cast<T>(inv_t);
-  const T inv_lm1 = static_cast<T>(1.0 / static_cast<double>(L - 1));
   const T ninf = -std::numeric_limits<T>::infinity();
+  const double inv_lm1_d = 1.0 / static_cast<double>(L - 1);
   const int64_t full = L - L % kLanes;
   const int64_t rem = L - full;
   for (int64_t i = i0; i < i1; ++i) {
@@ -91,23 +92,32 @@ RCE_FAST_INLINE void forward_rows(const T* z, const int64_t* target, T* loss, T*
     T m = mx[0];
     for (int k = 1; k < kLanes; ++k) m = max_ignore_nan(m, mx[k]);
     const T shift = m == ninf ? T(0) : m;
-    T s[kLanes], tot[kLanes];
-    if (rem > 0) {
-      for (int k = 0; k < kLanes; ++k) {
-        s[k] = exp_flush(tail_u[k] - shift);
-        tot[k] = k < rem ? tail_u[k] : T(0);
-      }
-    } else {
+    // Two-level sums: each lane adds kBlock / kLanes terms in T, then the block's lane
+    // totals go into double accumulators, so a row of 100k+ classes loses no more
+    // precision than a short one (one T accumulator per lane over the whole row would
+    // lose up to L / kLanes ulps).
+    double sacc[kLanes], tacc[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      sacc[k] = rem > 0 ? static_cast<double>(exp_flush(tail_u[k] - shift)) : 0.0;
+      tacc[k] = k < rem ? static_cast<double>(tail_u[k]) : 0.0;
+    }
+    for (int64_t j0 = 0; j0 < full; j0 += kBlock) {
+      const int64_t j1 = j0 + kBlock < full ? j0 + kBlock : full;
+      T s[kLanes], tot[kLanes];
       for (int k = 0; k < kLanes; ++k) {
         s[k] = T(0);
         tot[k] = T(0);
       }
-    }
-    for (int64_t j = 0; j < full; j += kLanes) {
+      for (int64_t j = j0; j < j1; j += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          const T u = row[j + k] * it;
+          s[k] += exp_flush(u - shift);
+          tot[k] += u;
+        }
+      }
       for (int k = 0; k < kLanes; ++k) {
-        const T u = row[j + k] * it;
-        s[k] += exp_flush(u - shift);
-        tot[k] += u;
+        sacc[k] += static_cast<double>(s[k]);
+        tacc[k] += static_cast<double>(tot[k]);
       }
     }
     const int64_t y = target[i];
@@ -115,9 +125,10 @@ RCE_FAST_INLINE void forward_rows(const T* z, const int64_t* target, T* loss, T*
     const bool in_range = y >= 0 && y < L;
     if (keep && !in_range && res->bad_row < 0) res->bad_row = i;
     const int64_t yc = in_range ? y : 0;  // never read out of bounds
-    const T l = m + std::log(lanes_sum(s));
+    const T l = m + static_cast<T>(std::log(lanes_sum(sacc)));
     lse[i] = l;
-    const T li = keep ? l - (lanes_sum(tot) - row[yc] * it) * inv_lm1 : T(0);
+    const double off_label = lanes_sum(tacc) - static_cast<double>(row[yc] * it);
+    const T li = keep ? l - static_cast<T>(off_label * inv_lm1_d) : T(0);
     loss[i] = li;
     res->loss_sum += static_cast<double>(li);
     res->kept += keep ? 1 : 0;
