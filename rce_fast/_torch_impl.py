@@ -85,15 +85,17 @@ def exp_flush(x: torch.Tensor) -> torch.Tensor:
     """``torch.exp(x)`` with results below the normal range flushed to 0, computed without
     the underflow slow path: bit-identical to ``torch.exp(x)`` where x > floor (every
     normal result except the smallest few, within 0.005% of the smallest normal
-    number), inf and NaN included; 0 where x <= floor (-inf included)."""
-    return exp_flush_(x.clone(memory_format=torch.contiguous_format))
+    number), inf and NaN included; 0 where x <= floor (-inf included). Differentiable
+    (gradient 0 where flushed)."""
+    e = torch.exp(torch.clamp(x, min=exp_floor(x.dtype)))
+    return torch.nn.functional.threshold(e, _exp_at_floor(x.dtype), 0.0)
 
 
 def _logsumexp(x: torch.Tensor, dim: int, keepdim: bool, inplace: bool) -> torch.Tensor:
     # torch.logsumexp's own algorithm (measured bit-identical to it on CPU for float32 and
     # float64), with the exp clamped: maximum (inf -> 0 shift), exp of the shifted values,
     # sum, log, add the shift back.
-    m = torch.amax(x, dim, keepdim=True)
+    m = torch.amax(x.detach(), dim, keepdim=True)
     shift = m.masked_fill(m.abs() == float("inf"), 0.0)
     t = x.sub_(shift) if inplace else x - shift
     out = exp_clamped_(t).sum(dim, keepdim=True).log_().add_(shift)
@@ -106,7 +108,8 @@ def logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     """``torch.logsumexp(x, dim)`` without the underflow slow path. Same algorithm, so the
     same bits (tested): the only terms that change are below 2^-126 (2^-1022), while the
     row's largest term is exactly 1 after the shift, so they are lost in rounding. Same
-    NaN / +-inf behaviour, including rows of -inf (-> -inf)."""
+    NaN / +-inf behaviour, including rows of -inf (-> -inf). Differentiable (gradient:
+    the softmax, 0 where it is below the normal range)."""
     return _logsumexp(x, dim, keepdim, inplace=False)
 
 
@@ -119,18 +122,36 @@ def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``(x - max) - log(sum(exp(x - max)))`` along ``dim`` without the underflow slow
     path, in the operation order of PyTorch's CPU log_softmax. Equal to
     ``torch.log_softmax`` to within a few ulps (not bitwise: PyTorch's fused kernel sums
-    in its own order). Rows containing +inf, NaN or only -inf give NaN, as in PyTorch."""
-    t = x - torch.amax(x, dim, keepdim=True)
-    s = torch.clamp(t, min=exp_floor(t.dtype)).exp_().sum(dim, keepdim=True)
-    return t.sub_(s.log_())
+    in its own order). Rows containing +inf, NaN or only -inf give NaN, as in PyTorch.
+    Differentiable."""
+    t = x - torch.amax(x.detach(), dim, keepdim=True)
+    s = torch.exp(torch.clamp(t, min=exp_floor(t.dtype))).sum(dim, keepdim=True)
+    return t - torch.log(s)
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``exp(x - max) / sum(exp(x - max))`` along ``dim`` without the underflow slow path.
     Probabilities below the normal range are 0 (exactly 0 for -inf logits). Equal to
-    ``torch.softmax`` to within a few ulps elsewhere; same NaN behaviour."""
-    e = exp_flush(x - torch.amax(x, dim, keepdim=True))
-    return e.div_(e.sum(dim, keepdim=True))
+    ``torch.softmax`` to within a few ulps elsewhere; same NaN behaviour.
+    Differentiable."""
+    e = exp_flush(x - torch.amax(x.detach(), dim, keepdim=True))
+    return e / e.sum(dim, keepdim=True)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(logits, target, reduction=...)`` for (N, L) logits and (N,) class
+    indices (no ignore_index, no weights) without the underflow slow path: logsumexp
+    minus the target's logit per row. Equal to PyTorch's to within a few ulps, gradient
+    (softmax - one-hot) included."""
+    rows = logsumexp(logits, 1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
