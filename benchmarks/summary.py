@@ -62,6 +62,9 @@ def render(data: dict) -> str:
         cpu_line += ")"
     if info.get("rce_fast_threads"):
         cpu_line += f", {info['rce_fast_threads']} threads"
+    timers = {b.get("options", {}).get("timer") for b in data.get("benchmarks", [])} - {None}
+    if timers and timers != {"perf_counter"} and timers != {"time.perf_counter"}:
+        cpu_line += f"; timer {', '.join(sorted(timers))} (CPU time, not wall clock)"
     lines = [f"# rce_fast benchmarks ({gpu or cpu})", "", cpu_line, "",
              f"torch {info.get('rce_fast_torch', '?')}, "
              f"{data.get('datetime', '')}".rstrip(", "), "",

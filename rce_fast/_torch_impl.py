@@ -54,6 +54,20 @@ def exp_floor(dtype: torch.dtype) -> float:
     return EXP_FLOOR.get(dtype, EXP_FLOOR[torch.float32])
 
 
+def _exp_may_underflow(x: torch.Tensor, shifted: bool) -> bool:
+    """Could an exp input fall below the floor: x itself (``shifted=False``) or x minus
+    its row maximum (``shifted=True``, bounded by the tensor's whole range)? Only asked on
+    CPU, where one aminmax pass and a host sync cost about as much as one small op: when
+    the answer is no, PyTorch's own fused kernels run, with their bits. GPUs have no
+    such slow path: always no there. NaN or inf in x: yes (the clamped code handles them
+    as PyTorch does)."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi, floor = lo.item(), hi.item(), exp_floor(x.dtype)
+    return not ((hi - lo < -floor) if shifted else (lo > floor))  # NaN: not safe
+
+
 def exp_clamped_(x: torch.Tensor) -> torch.Tensor:
     """In place: ``x = exp(max(x, floor))`` (see EXP_FLOOR). Equal to ``torch.exp(x)``
     wherever that is a normal number, inf or NaN; ``exp(floor)`` (the smallest normal
@@ -87,6 +101,8 @@ def exp_flush(x: torch.Tensor) -> torch.Tensor:
     normal result except the smallest few, within 0.005% of the smallest normal
     number), inf and NaN included; 0 where x <= floor (-inf included). Differentiable
     (gradient 0 where flushed)."""
+    if not _exp_may_underflow(x, shifted=False):
+        return torch.exp(x)
     e = torch.exp(torch.clamp(x, min=exp_floor(x.dtype)))
     return torch.nn.functional.threshold(e, _exp_at_floor(x.dtype), 0.0)
 
@@ -110,6 +126,8 @@ def logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     row's largest term is exactly 1 after the shift, so they are lost in rounding. Same
     NaN / +-inf behaviour, including rows of -inf (-> -inf). Differentiable (gradient:
     the softmax, 0 where it is below the normal range)."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.logsumexp(x, dim, keepdim)
     return _logsumexp(x, dim, keepdim, inplace=False)
 
 
@@ -122,8 +140,10 @@ def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``(x - max) - log(sum(exp(x - max)))`` along ``dim`` without the underflow slow
     path, in the operation order of PyTorch's CPU log_softmax. Equal to
     ``torch.log_softmax`` to within a few ulps (not bitwise: PyTorch's fused kernel sums
-    in its own order). Rows containing +inf, NaN or only -inf give NaN, as in PyTorch.
-    Differentiable."""
+    in its own order; where no exp input can underflow, PyTorch's kernel runs). Rows
+    containing +inf, NaN or only -inf give NaN, as in PyTorch. Differentiable."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.log_softmax(x, dim)
     t = x - torch.amax(x.detach(), dim, keepdim=True)
     s = torch.exp(torch.clamp(t, min=exp_floor(t.dtype))).sum(dim, keepdim=True)
     return t - torch.log(s)
@@ -132,8 +152,10 @@ def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``exp(x - max) / sum(exp(x - max))`` along ``dim`` without the underflow slow path.
     Probabilities below the normal range are 0 (exactly 0 for -inf logits). Equal to
-    ``torch.softmax`` to within a few ulps elsewhere; same NaN behaviour.
-    Differentiable."""
+    ``torch.softmax`` to within a few ulps elsewhere (where no exp input can underflow,
+    PyTorch's kernel runs); same NaN behaviour. Differentiable."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.softmax(x, dim)
     e = exp_flush(x - torch.amax(x.detach(), dim, keepdim=True))
     return e / e.sum(dim, keepdim=True)
 
@@ -143,8 +165,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     """``F.cross_entropy(logits, target, reduction=...)`` for (N, L) logits and (N,) class
     indices (no ignore_index, no weights) without the underflow slow path: logsumexp
     minus the target's logit per row. Equal to PyTorch's to within a few ulps, gradient
-    (softmax - one-hot) included."""
-    rows = logsumexp(logits, 1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    (softmax - one-hot) included; where no exp input can underflow it is PyTorch's."""
+    if not _exp_may_underflow(logits, shifted=True):
+        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+    rows = _logsumexp(logits, 1, False, inplace=False) - logits.gather(1, target.unsqueeze(1)).squeeze(1)
     if reduction == "none":
         return rows
     if reduction == "sum":
