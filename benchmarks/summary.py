@@ -61,7 +61,8 @@ def render(data: dict) -> str:
             cpu_line += f", fused C++ loss compiled for {info['rce_fast_cpp_isa']}"
         cpu_line += ")"
     if info.get("rce_fast_threads"):
-        cpu_line += f", {info['rce_fast_threads']} threads"
+        threads = info["rce_fast_threads"]
+        cpu_line += f", {threads} thread{'s' if threads != 1 else ''}"
     timers = {b.get("options", {}).get("timer") for b in data.get("benchmarks", [])} - {None}
     if timers and timers != {"perf_counter"} and timers != {"time.perf_counter"}:
         cpu_line += f"; timer {', '.join(sorted(timers))} (CPU time, not wall clock)"
