@@ -377,8 +377,11 @@ def _picked(z):
 
 def test_cpu_path_is_measured_once_per_shape_class(fresh_choices):
     calls = fresh_choices
-    first = _picked(torch.randn(128, 10))
+    z = torch.randn(128, 10)
+    rng = torch.get_rng_state()
+    first = _picked(z)
     assert first in ("compiled", "torch") and calls == [(128, 10)]
+    assert torch.equal(torch.get_rng_state(), rng)  # its synthetic input has its own generator
     assert _picked(torch.randn(120, 9)) == first  # same class: cached, not measured again
     assert calls == [(128, 10)]
     _picked(torch.randn(64, 1000))                 # another class: measured
