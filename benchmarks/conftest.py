@@ -53,9 +53,34 @@ def set_target(case: str, baseline: str, min_ratio: float) -> None:
     _TARGETS[case] = (baseline, min_ratio)
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor", ...)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_info() -> dict:
+    """What a CPU timing depends on: model, torch's vector capability (its exp and
+    softmax kernels), the fused C++ loss's instruction set, threads."""
+    from rce_fast import _ext
+    module, _ = _ext.load()
+    return {"rce_fast_cpu": cpu_model(),
+            "rce_fast_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "rce_fast_cpp_isa": module.cpu_isa() if module is not None else None,
+            "rce_fast_threads": torch.get_num_threads()}
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["rce_fast_gpu"] = torch.cuda.get_device_name() if HAS_CUDA else None
     machine_info["rce_fast_torch"] = torch.__version__
+    machine_info.update(cpu_info())
 
 
 @pytest.fixture
@@ -101,7 +126,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("rce_fast speed ratios (baseline time / rce_fast time, same run)")
+    info = cpu_info()
     tr.write_line(f"device: {torch.cuda.get_device_name() if HAS_CUDA else 'cpu'}, "
+                  f"CPU {info['rce_fast_cpu']} (torch capability "
+                  f"{info['rce_fast_cpu_capability']}, C++ loss {info['rce_fast_cpp_isa']}), "
                   f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     tr.write_line(f"{'case':38s} {'baseline':22s} {'rce_fast':>11s} {'baseline':>11s} "
                   f"{'ratio':>7s}  target")
@@ -120,6 +148,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             ours = _RESULTS[case]["rce_fast"] / extra.get("per_image_of", 1)
             tr.write_line(f"{case:38s} {ours:.3g} s per example (paper, P100: "
                           f"{extra['paper_seconds']:.3g} s)")
+        if "model floor" in _RESULTS[case] and "rce_fast" in _RESULTS[case]:
+            tr.write_line(f"{case:38s} rce_fast takes "
+                          f"{_RESULTS[case]['rce_fast'] / _RESULTS[case]['model floor']:.2f}x "
+                          f"the model floor")
+        if "cpu_path" in extra:
+            tr.write_line(f"{case:38s} CPU path: {extra['cpu_path']}")
         if "pairs" in extra and "rce_fast" in _RESULTS[case]:
             rate = extra["pairs"] / _RESULTS[case]["rce_fast"]
             tr.write_line(f"{case:38s} rce_fast evaluates {rate:.3g} query-bank pairs/s")

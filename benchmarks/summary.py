@@ -4,9 +4,11 @@
 
 Per case (e.g. "rce_loss 1024x32000 fp32"): rce_fast's median time, each baseline's,
 the baseline / rce_fast ratio and, where the issue set one, the target and whether it
-was met; per-example times and the paper's P100 seconds for the attacks; and on a GPU
-the fraction of the hardware limit (memory bandwidth for the loss, tensor-core rate
-for K-density pair evaluations).
+was met; per-example times and the paper's P100 seconds for the attacks; rce_fast's
+time as a multiple of the model floor where one was measured; the CPU path the loss
+measured fastest; and on a GPU the fraction of the hardware limit (memory bandwidth for
+the loss, tensor-core rate for K-density pair evaluations). The header names the CPU
+model and torch's CPU capability, which CPU timings depend on.
 """
 from __future__ import annotations
 
@@ -51,8 +53,21 @@ def render(data: dict) -> str:
         case, role = ex.get("case", bench.get("group")), ex.get("role", bench.get("name"))
         cases[case][role] = bench["stats"]["median"]
         extra[case].update({k: v for k, v in ex.items() if k not in ("case", "role")})
-    lines = [f"# rce_fast benchmarks ({gpu or info.get('cpu', {}).get('brand_raw', 'cpu')})",
-             "", f"torch {info.get('rce_fast_torch', '?')}, "
+    cpu = info.get("rce_fast_cpu") or info.get("cpu", {}).get("brand_raw") or "unknown CPU"
+    cpu_line = f"CPU: {cpu}"
+    if info.get("rce_fast_cpu_capability"):
+        cpu_line += f" (torch CPU capability {info['rce_fast_cpu_capability']}"
+        if info.get("rce_fast_cpp_isa"):
+            cpu_line += f", fused C++ loss compiled for {info['rce_fast_cpp_isa']}"
+        cpu_line += ")"
+    if info.get("rce_fast_threads"):
+        threads = info["rce_fast_threads"]
+        cpu_line += f", {threads} thread{'s' if threads != 1 else ''}"
+    timers = {b.get("options", {}).get("timer") for b in data.get("benchmarks", [])} - {None}
+    if timers and timers != {"perf_counter"} and timers != {"time.perf_counter"}:
+        cpu_line += f"; timer {', '.join(sorted(timers))} (CPU time, not wall clock)"
+    lines = [f"# rce_fast benchmarks ({gpu or cpu})", "", cpu_line, "",
+             f"torch {info.get('rce_fast_torch', '?')}, "
              f"{data.get('datetime', '')}".rstrip(", "), "",
              "| case | rce_fast | baseline | baseline time | ratio | target | hardware |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -72,6 +87,15 @@ def render(data: dict) -> str:
                 target = f">= {goal:g}x " + ("met" if ratio >= goal else "**missed**")
             lines.append(f"| {case} | {_t(ours)} | {role} | {_t(roles[role])} | "
                          f"{ratio:.2f}x | {target} | {hw} |")
+    floors = [c for c in sorted(cases) if "model floor" in cases[c] and "rce_fast" in cases[c]]
+    if floors:
+        lines += ["", "| case | rce_fast / model floor |", "| --- | --- |"]
+        lines += [f"| {c} | {cases[c]['rce_fast'] / cases[c]['model floor']:.2f}x |"
+                  for c in floors]
+    paths = [(c, e["cpu_path"]) for c, e in sorted(extra.items()) if "cpu_path" in e]
+    if paths:
+        lines += ["", "| case | CPU path measured fastest |", "| --- | --- |"]
+        lines += [f"| {c} | {p} |" for c, p in paths]
     per = [(c, e) for c, e in extra.items() if "per_image_of" in e and "rce_fast" in cases[c]]
     if per:
         lines += ["", "| case | rce_fast per example | paper (P100, ResNet-32) |",

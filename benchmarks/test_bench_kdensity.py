@@ -48,6 +48,10 @@ def sklearn_per_class(q, bank, bl, qc):
 
 
 CASE = "kdensity N=10k bank=10x1000 D=64"
+# The same sizes with features 6x further apart: most kernel logits then lie far below
+# their row's maximum (exp inputs below -87), the underflow case in which PyTorch's exp
+# is many times slower on some CPUs (the data above stays within 54 of the maximum).
+FAR = "kdensity N=10k bank=10x1000 D=64 far apart"
 LARGE = "kdensity N=M=100k D=64 10 classes"
 set_target(CASE, "scikit-learn", 20.0 if not HAS_CUDA else 1.0)
 set_target(LARGE, "naive torch.cdist", 5.0 if HAS_CUDA else 1.0)
@@ -73,6 +77,18 @@ def test_kdensity_10k(record, impl):
         print(f"\nscikit-learn minus float64 reference: spread {spread:.3g} (0 = a constant)")
     else:
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["rce_fast", "naive torch.cdist"])
+def test_kdensity_10k_far_apart(record, impl):
+    q, bank, bl, qc = _data(10_000, 1000, 10)
+    q, bank = q * 6, bank * 6
+    fns = {"rce_fast": lambda: rce_fast.kdensity(q, bank, bl, qc, SIGMA2),
+           "naive torch.cdist": lambda: naive_torch(q, bank, bl, qc)}
+    out = record(FAR, impl, fns[impl], pairs=10_000 * 1000, dim=D)
+    ref = kdensity_reference(q[:200].double().cpu(), bank.double().cpu(), bl.cpu(),
+                             qc[:200].cpu(), SIGMA2)
+    torch.testing.assert_close(out[:200].cpu().double(), ref, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("impl", ["rce_fast", "naive torch.cdist"])

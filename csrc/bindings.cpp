@@ -14,27 +14,50 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "rce_forward_cpu",
       [](uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n, int64_t L,
-         int64_t stride, int64_t ignore_index, double inv_t, bool is_double, int threads) {
+         int64_t stride, int64_t ignore_index, double inv_t, bool is_double, int threads,
+         int isa) {
         const rce_fast::RceStats st = rce_fast::rce_forward_cpu(
             reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
             reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse), n, L, stride,
-            ignore_index, inv_t, is_double, threads);
+            ignore_index, inv_t, is_double, threads, isa);
         return py::make_tuple(st.loss_sum, st.kept, st.bad_row);
       },
+      py::arg("z"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n"),
+      py::arg("L"), py::arg("stride"), py::arg("ignore_index"), py::arg("inv_t"),
+      py::arg("is_double"), py::arg("threads"), py::arg("isa") = rce_fast::kIsaAuto,
       "Per-row loss and lse into the given buffers; returns (sum of losses, kept rows, "
       "first row with an out-of-range label or -1).");
   m.def(
       "rce_backward_cpu",
       [](uintptr_t grad_rows, double grad_scale, uintptr_t z, uintptr_t target, uintptr_t lse,
          uintptr_t grad, int64_t n, int64_t L, int64_t stride, int64_t ignore_index,
-         double inv_t, bool is_double, int threads) {
+         double inv_t, bool is_double, int threads, int isa) {
         rce_fast::rce_backward_cpu(
             reinterpret_cast<const void*>(grad_rows), grad_scale,
             reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
             reinterpret_cast<const void*>(lse), reinterpret_cast<void*>(grad), n, L, stride,
-            ignore_index, inv_t, is_double, threads);
+            ignore_index, inv_t, is_double, threads, isa);
       },
+      py::arg("grad_rows"), py::arg("grad_scale"), py::arg("z"), py::arg("target"),
+      py::arg("lse"), py::arg("grad"), py::arg("n"), py::arg("L"), py::arg("stride"),
+      py::arg("ignore_index"), py::arg("inv_t"), py::arg("is_double"), py::arg("threads"),
+      py::arg("isa") = rce_fast::kIsaAuto,
       "Gradient into grad; grad_rows = 0 (null) applies grad_scale to every row.");
+  m.def(
+      "exp_cpu",
+      [](uintptr_t x, uintptr_t y, int64_t n, bool is_double, int isa) {
+        py::gil_scoped_release release;
+        rce_fast::exp_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n,
+                          is_double, isa);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("is_double"),
+      py::arg("isa") = rce_fast::kIsaAuto,
+      "y = exp(x) elementwise with the fused loss's vectorised exp (for tests).");
+  m.def("cpu_isa", &rce_fast::cpu_isa_name, py::arg("isa") = rce_fast::kIsaAuto,
+        "Which compiled copy of the CPU loss kernels runs: 'avx2' or 'baseline'.");
+  m.attr("ISA_AUTO") = rce_fast::kIsaAuto;
+  m.attr("ISA_BASELINE") = rce_fast::kIsaBaseline;
+  m.attr("ISA_AVX2") = rce_fast::kIsaAvx2;
   m.def(
       "jsma_pairs_cpu",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, int64_t batch,

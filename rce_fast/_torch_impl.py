@@ -6,6 +6,8 @@ the large shapes), and they never hold more than one gradient-sized buffer.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Elements per row chunk: 256 Ki fp32 = 1 MiB, which stays in L2 across passes.
@@ -24,6 +26,165 @@ def all_finite(t: torch.Tensor) -> bool:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------- exp without the underflow path
+# On some x86 CPUs PyTorch's vectorised exp is many times slower per element when its
+# result is subnormal or underflows to 0: inputs below about -87.3 in float32 and -708.4
+# in float64. Measured on a 2-core AMD EPYC (AVX2, torch 2.13): 2.4 ms per million
+# float32 inputs in [-80, 0], 35-100 ms in [-200, -90] (worst between -103 and -87.3,
+# where results are subnormal), 23 ms for float64 inputs below -720; an AMD EPYC with
+# AVX-512 showed the same. A log-sum-exp or softmax over logits with large gaps is made
+# of such inputs. Every CPU exp, log-sum-exp and softmax in the package goes through the
+# helpers below, which clamp the input at EXP_FLOOR first. exp(EXP_FLOOR[dtype]) is the
+# dtype's smallest normal number (times 1.00004), so:
+#   - for inputs >= the floor nothing changes, bit for bit;
+#   - an input below it (including -inf) gives exp(floor) < 1.2e-38 (2.3e-308 in float64)
+#     where torch.exp gives a subnormal or 0. Added to a sum that holds a term >= 1 (a
+#     log-sum-exp after subtracting the maximum), or subtracted from a number >= 2^-100
+#     (the RCE gradient's 1/(L-1)), such a value is below half an ulp and changes nothing;
+#     where the value itself is returned (softmax probabilities) exp_flush returns 0.
+EXP_FLOOR = {torch.float32: -87.3365, torch.float64: -708.3964}
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """Clamp point of exp inputs in ``dtype``. float16/bfloat16 use float32's (PyTorch
+    exponentiates them in float32 on CPU; their own normal range ends earlier, so their
+    results below it round to the same values either way)."""
+    return EXP_FLOOR.get(dtype, EXP_FLOOR[torch.float32])
+
+
+def _exp_may_underflow(x: torch.Tensor, shifted: bool) -> bool:
+    """Could an exp input fall below the floor: x itself (``shifted=False``) or x minus
+    its row maximum (``shifted=True``, bounded by the tensor's whole range)? Only asked on
+    CPU, where one aminmax pass and a host sync cost about as much as one small op: when
+    the answer is no, PyTorch's own fused kernels run, with their bits. GPUs have no
+    such slow path: always no there. NaN or inf in x: yes (the clamped code handles them
+    as PyTorch does)."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi, floor = lo.item(), hi.item(), exp_floor(x.dtype)
+    return not ((hi - lo < -floor) if shifted else (lo > floor))  # NaN: not safe
+
+
+def exp_clamped_(x: torch.Tensor) -> torch.Tensor:
+    """In place: ``x = exp(max(x, floor))`` (see EXP_FLOOR). Equal to ``torch.exp(x)``
+    wherever that is a normal number, inf or NaN; ``exp(floor)`` (the smallest normal
+    number, about) where it would be subnormal or 0. For terms that only enter sums with
+    a term >= 1 or differences with numbers >= 2^-100, where this changes no bit."""
+    return x.clamp_(min=exp_floor(x.dtype)).exp_()
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_at_floor(dtype: torch.dtype) -> float:
+    """The largest value torch.exp gives at the floor: its vectorised kernel (64 lanes'
+    worth) and its scalar loop (a one-element tensor, also used for loop tails) may
+    round it differently."""
+    floor = exp_floor(dtype)
+    vec = torch.full((64,), floor, dtype=dtype).exp_()
+    one = torch.full((1,), floor, dtype=dtype).exp_()
+    return max(float(vec.max()), float(one.max()))
+
+
+def exp_flush_(x: torch.Tensor) -> torch.Tensor:
+    """In place: exp(x) for x above the floor, 0 at or below it (see :func:`exp_flush`)."""
+    x.clamp_(min=exp_floor(x.dtype)).exp_()
+    # zero what the clamp produced: exp is increasing, and the next input above the floor
+    # gives a value dozens of ulps above exp(floor), so nothing else reaches this value
+    return torch.nn.functional.threshold_(x, _exp_at_floor(x.dtype), 0.0)
+
+
+def exp_flush(x: torch.Tensor) -> torch.Tensor:
+    """``torch.exp(x)`` with results below the normal range flushed to 0, computed without
+    the underflow slow path: bit-identical to ``torch.exp(x)`` where x > floor (every
+    normal result except the smallest few, within 0.005% of the smallest normal
+    number), inf and NaN included; 0 where x <= floor (-inf included). Differentiable
+    (gradient 0 where flushed)."""
+    if not _exp_may_underflow(x, shifted=False):
+        return torch.exp(x)
+    e = torch.exp(torch.clamp(x, min=exp_floor(x.dtype)))
+    return torch.nn.functional.threshold(e, _exp_at_floor(x.dtype), 0.0)
+
+
+def _logsumexp(x: torch.Tensor, dim: int, keepdim: bool, inplace: bool) -> torch.Tensor:
+    # torch.logsumexp's own algorithm (measured bit-identical to it on CPU for float32 and
+    # float64), with the exp clamped: maximum (inf -> 0 shift), exp of the shifted values,
+    # sum, log, add the shift back.
+    m = torch.amax(x.detach(), dim, keepdim=True)
+    shift = m.masked_fill(m.abs() == float("inf"), 0.0)
+    t = x.sub_(shift) if inplace else x - shift
+    out = exp_clamped_(t).sum(dim, keepdim=True).log_().add_(shift)
+    # a row of -inf: torch sums exact zeros (log 0 = -inf); the clamp would not
+    out.masked_fill_(m == float("-inf"), float("-inf"))
+    return out if keepdim else out.squeeze(dim)
+
+
+def logsumexp(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """``torch.logsumexp(x, dim)`` without the underflow slow path. Same algorithm, so the
+    same bits (tested): the only terms that change are below 2^-126 (2^-1022), while the
+    row's largest term is exactly 1 after the shift, so they are lost in rounding. Same
+    NaN / +-inf behaviour, including rows of -inf (-> -inf). Differentiable (gradient:
+    the softmax, 0 where it is below the normal range)."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.logsumexp(x, dim, keepdim)
+    return _logsumexp(x, dim, keepdim, inplace=False)
+
+
+def logsumexp_(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """:func:`logsumexp` that uses ``x`` as its scratch buffer (``x`` is overwritten)."""
+    return _logsumexp(x, dim, keepdim, inplace=True)
+
+
+def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(x - max) - log(sum(exp(x - max)))`` along ``dim`` without the underflow slow
+    path, in the operation order of PyTorch's CPU log_softmax. Equal to
+    ``torch.log_softmax`` to within a few ulps (not bitwise: PyTorch's fused kernel sums
+    in its own order; where no exp input can underflow, PyTorch's kernel runs). Rows
+    containing +inf, NaN or only -inf give NaN, as in PyTorch. Differentiable."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.log_softmax(x, dim)
+    t = x - torch.amax(x.detach(), dim, keepdim=True)
+    s = torch.exp(torch.clamp(t, min=exp_floor(t.dtype))).sum(dim, keepdim=True)
+    return t - torch.log(s)
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``exp(x - max) / sum(exp(x - max))`` along ``dim`` without the underflow slow path.
+    Probabilities below the normal range are 0 (exactly 0 for -inf logits). Equal to
+    ``torch.softmax`` to within a few ulps elsewhere (where no exp input can underflow,
+    PyTorch's kernel runs); same NaN behaviour. Differentiable."""
+    if not _exp_may_underflow(x, shifted=True):
+        return torch.softmax(x, dim)
+    e = exp_flush(x - torch.amax(x.detach(), dim, keepdim=True))
+    return e / e.sum(dim, keepdim=True)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(logits, target, reduction=...)`` for (N, L) logits and (N,) class
+    indices (no ignore_index, no weights) without the underflow slow path: logsumexp
+    minus the target's logit per row. Equal to PyTorch's to within a few ulps, gradient
+    (softmax - one-hot) included; where no exp input can underflow it is PyTorch's."""
+    if not _exp_may_underflow(logits, shifted=True):
+        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+    rows = _logsumexp(logits, 1, False, inplace=False) - logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.logaddexp(a, b)`` without the underflow slow path: max + log1p(exp(-|a - b|)),
+    PyTorch's formula, with the exp flushed below the normal range (log1p of it would
+    add less than 2^-126 to the maximum); equal inputs of +-inf give themselves."""
+    m = torch.maximum(a, b)
+    out = m + torch.log1p(exp_flush(-(a - b).abs()))
+    return torch.where(torch.isinf(a) & (a == b), a, out)
 
 
 def _row_chunks(n: int, num_classes: int):
@@ -47,7 +208,7 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
         u = logits[rs].to(acc)
         if inv_temperature != 1.0:
             u = u * inv_temperature
-        torch.logsumexp(u, 1, out=lse[rs])
+        lse[rs] = logsumexp(u, 1)
         off_label = u.sum(1) - u.gather(1, label[rs]).squeeze(1)
         torch.sub(lse[rs], off_label, alpha=inv_lm1, out=loss[rs])
     return torch.where(keep, loss, 0.0), lse
@@ -78,7 +239,7 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
             if inv_temperature != 1.0:
                 p.mul_(inv_temperature)
             p.sub_(lse_col)
-        p.exp_().sub_(inv_lm1).mul_(g[rs].unsqueeze(1))
+        exp_clamped_(p).sub_(inv_lm1).mul_(g[rs].unsqueeze(1))
         p.scatter_add_(1, label[rs], g_label[rs])
         if p is not out:
             out.copy_(p)
@@ -107,7 +268,7 @@ def rce_forward_small(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     u = logits.to(acc_dtype(logits.dtype))
     if inv_temperature != 1.0:
         u = u * inv_temperature
-    logp = torch.log_softmax(u, 1)
+    logp = log_softmax(u, 1)
     label = clamped.unsqueeze(1)
     rows = torch.sub(logp.gather(1, label).squeeze(1), logp.sum(1)).mul_(1.0 / (num_classes - 1))
     return torch.where(keep, rows, 0.0), logp, label, keep, labels_ok
@@ -117,7 +278,7 @@ def rce_backward_small(grad_scale: torch.Tensor, logp: torch.Tensor, label: torc
                        keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad_scale`` is (N, 1) or a scalar: upstream gradient times 1/T."""
     inv_lm1 = 1.0 / (logp.shape[1] - 1)
-    grad = logp.exp().sub_(inv_lm1)
+    grad = torch.clamp(logp, min=exp_floor(logp.dtype)).exp_().sub_(inv_lm1)
     grad.scatter_add_(1, label, torch.full(label.shape, inv_lm1, dtype=grad.dtype))
     grad.mul_(grad_scale)
     if not bool(keep.all()):
@@ -147,24 +308,51 @@ def _kd_blocks(q_offsets: torch.Tensor, b_offsets: torch.Tensor):
                          for b0 in range(bo[c], bo[c + 1], bank_step)]
 
 
-def _kd_logits(q: torch.Tensor, qn: torch.Tensor, b: torch.Tensor, neg_inv_s2: float):
-    """-max(||q - b||^2, 0) / sigma2 for a block, via one matmul (addmm)."""
-    d2 = torch.addmm((b * b).sum(1).unsqueeze(0), q, b.t(), alpha=-2.0).add_(qn.unsqueeze(1))
-    return d2.clamp_(min=0.0).mul_(neg_inv_s2)
+def _kd_logits(q: torch.Tensor, qn: torch.Tensor, b: torch.Tensor, neg_inv_s2: float,
+               out: torch.Tensor | None = None):
+    """-max(||q - b||^2, 0) / sigma2 for a block, via one matmul (addmm), written into
+    ``out`` (a (len(q), len(b)) scratch view) when given."""
+    bn = (b * b).sum(1).unsqueeze(0)
+    if out is None:
+        d2 = torch.addmm(bn, q, b.t(), alpha=-2.0)
+    else:
+        d2 = torch.addmm(bn, q, b.t(), alpha=-2.0, out=out)
+    return d2.add_(qn.unsqueeze(1)).clamp_(min=0.0).mul_(neg_inv_s2)
+
+
+def _kd_scratch(q_offsets: torch.Tensor, b_offsets: torch.Tensor, dtype, device):
+    """One block-sized buffer for every block of a call: a fresh 16 MiB tensor per block
+    costs page faults on every pass over it (measured: the subtraction inside
+    torch.logsumexp took 10x its in-cache time)."""
+    most = max(((r.stop - r.start) * max(b.stop - b.start for b in bs)
+                for r, bs in _kd_blocks(q_offsets, b_offsets)), default=0)
+    return torch.empty(most, dtype=dtype, device=device)
+
+
+def _block_view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return buf[:rows * cols].view(rows, cols)
 
 
 def kdensity_lse(q: torch.Tensor, q_offsets: torch.Tensor, bank: torch.Tensor,
                  b_offsets: torch.Tensor, sigma2: float) -> torch.Tensor:
-    """Same contract as kernels.kdensity.kdensity_lse (float64 input stays float64)."""
+    """Same contract as kernels.kdensity.kdensity_lse (float64 input stays float64).
+
+    Per block: the logits by one addmm into a reused buffer, then an in-place log-sum-exp
+    (:func:`logsumexp_`: no underflow slow path, the same bits as torch.logsumexp).
+    """
     acc = acc_dtype(q.dtype)
     lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
+    if q.shape[0] == 0:
+        return lse
+    buf = _kd_scratch(q_offsets, b_offsets, acc, q.device)
     for rows, bank_slices in _kd_blocks(q_offsets, b_offsets):
         qq = q[rows].to(acc)
         qn = (qq * qq).sum(1)
         run = None
         for bs in bank_slices:
-            part = torch.logsumexp(_kd_logits(qq, qn, bank[bs].to(acc), -1.0 / sigma2), 1)
-            run = part if run is None else torch.logaddexp(run, part)
+            scratch = _block_view(buf, qq.shape[0], bs.stop - bs.start)
+            part = logsumexp_(_kd_logits(qq, qn, bank[bs].to(acc), -1.0 / sigma2, scratch), 1)
+            run = part if run is None else logaddexp(run, part)
         lse[rows] = run
     return lse
 
@@ -175,13 +363,20 @@ def kdensity_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tens
     """grad_lse[i] * (2 / sigma2) * (sum_j p_ij x_j - q_i), (N, D) in q's dtype."""
     acc = acc_dtype(q.dtype)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.shape[0] == 0:
+        return dq
+    buf = _kd_scratch(q_offsets, b_offsets, acc, q.device)
     for rows, bank_slices in _kd_blocks(q_offsets, b_offsets):
         qq = q[rows].to(acc)
         qn = (qq * qq).sum(1)
         mean_x = torch.zeros_like(qq)
         for bs in bank_slices:
             b = bank[bs].to(acc)
-            p = _kd_logits(qq, qn, b, -1.0 / sigma2).sub_(lse[rows].unsqueeze(1)).exp_()
+            shape = qq.shape[0], bs.stop - bs.start
+            p = _kd_logits(qq, qn, b, -1.0 / sigma2, _block_view(buf, *shape))
+            # flushed, not clamped: exact zeros where exp underflows keep the matmul's
+            # sums bit-identical to those over PyTorch's subnormals (tested)
+            exp_flush_(p.sub_(lse[rows].unsqueeze(1)))
             mean_x.addmm_(p, b)
         scale = grad_lse[rows].to(acc).unsqueeze(1) * (2.0 / sigma2)
         dq[rows] = mean_x.sub_(qq).mul_(scale)

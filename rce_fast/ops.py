@@ -21,6 +21,10 @@ Ops:
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+
 import torch
 from torch import Tensor
 
@@ -55,14 +59,119 @@ def _rce_triton_backward(*args):
     return k.rce_backward(*args)
 
 
-# Where the fused C++ loss beats the PyTorch path (fwd + bwd, 2-core CPU, measured):
-# its exp is scalar, so it wins on narrow rows at any N (L = 10: 2.4x at 128 rows, 2.6x
-# at 8192, 1.3x at 262,144) and on small batches of moderately wide rows, where per-op
-# dispatch dominates (128 x 64: 1.3x); PyTorch's vectorised exp wins from L = 16 at
-# N >= 2048 (0.8x) and on 128 x 256 (0.8x).
-_COMPILED_RCE_ANY_N_MAX_CLASSES = 12
-_COMPILED_RCE_MAX_ELEMS = 8192
-_COMPILED_RCE_MAX_CLASSES = 64
+# ------------------------------------------------- CPU: fused C++ loss or PyTorch path
+# Both compute the same loss and gradient (equal to within the tests' tolerance of the
+# float64 reference, on every shape; the C++ loss gives the same bits on every x86 CPU).
+# Which one is faster depends on the CPU (vector width, its exp, caches) and the shape,
+# so it is measured, not set by thresholds tuned on one machine: the first call in a
+# shape class times both (fwd + bwd on a synthetic input of that class, at most one
+# PyTorch chunk, 1 MiB in fp32: a few milliseconds, once per class and process) and
+# caches the faster. RCE_FAST_CPU_RCE_PATH = "compiled" / "torch" (or rce_cpu_path())
+# skips the measurement and forces one; so does torch.use_deterministic_algorithms(True),
+# which takes the C++ loss for its run-to-run and machine-to-machine identical bits.
+_RCE_CPU_PATHS = ("measure", "compiled", "torch")
+_rce_cpu_path = os.environ.get("RCE_FAST_CPU_RCE_PATH", "measure")
+if _rce_cpu_path not in _RCE_CPU_PATHS:
+    raise ValueError(f"RCE_FAST_CPU_RCE_PATH must be one of {_RCE_CPU_PATHS}, "
+                     f"got {_rce_cpu_path!r}")
+_RCE_CPU_CHOICE: dict[tuple, str] = {}
+_RCE_MEASURE_ELEMS = _torch_impl.SMALL_ELEMS  # the synthetic input: at most one chunk
+_RCE_MEASURE_ROUNDS = 5
+# PyTorch must be this much faster to be chosen: timing noise then cannot flip a choice
+# between two paths that are about as fast, and the C++ loss keeps its identical bits.
+_RCE_TORCH_MARGIN = 0.9
+
+
+def get_rce_cpu_path() -> str:
+    """"measure" (default), "compiled" or "torch": how CPU RCE losses pick their path."""
+    return _rce_cpu_path
+
+
+def set_rce_cpu_path(mode: str) -> None:
+    """Force the fused C++ loss ("compiled") or the PyTorch path ("torch") for CPU RCE
+    losses under backend "auto", or go back to measuring ("measure"). The C++ loss is
+    used only where it can run (extension built, float32/float64)."""
+    global _rce_cpu_path
+    if mode not in _RCE_CPU_PATHS:
+        raise ValueError(f"mode must be one of {_RCE_CPU_PATHS}, got {mode!r}")
+    _rce_cpu_path = mode
+
+
+@contextlib.contextmanager
+def rce_cpu_path(mode: str):
+    """Context manager form of :func:`set_rce_cpu_path`."""
+    previous = _rce_cpu_path
+    set_rce_cpu_path(mode)
+    try:
+        yield
+    finally:
+        set_rce_cpu_path(previous)
+
+
+def rce_cpu_choices() -> dict:
+    """The measured choices of this process: {shape class: "compiled" or "torch"}."""
+    return dict(_RCE_CPU_CHOICE)
+
+
+def clear_rce_cpu_choices() -> None:
+    """Forget the measured choices (the next call in each shape class measures again)."""
+    _RCE_CPU_CHOICE.clear()
+
+
+def _rce_shape_class(logits: Tensor) -> tuple:
+    """(dtype, classes up to a power of 2, elements up to a power of 2 capped at the
+    measured size, threads): the inputs whose relative speed one measurement predicts."""
+    n, num_classes = logits.shape
+    elems = min(n * num_classes, max(_RCE_MEASURE_ELEMS, num_classes))
+    return (logits.dtype, num_classes.bit_length(), elems.bit_length(),
+            torch.get_num_threads())
+
+
+def _rce_torch_fwd_bwd(z, y):
+    if z.numel() <= _torch_impl.SMALL_ELEMS:
+        rows, logp, label, keep, _ = _torch_impl.rce_forward_small(z, y, -100, 1.0)
+        return rows, _torch_impl.rce_backward_small(1.0 / len(z), logp, label, keep, z.dtype)
+    rows, lse = _torch_impl.rce_forward(z, y, -100, 1.0)
+    g = torch.full((len(z),), 1.0 / len(z), dtype=lse.dtype)
+    return rows, _torch_impl.rce_backward(g, z, y, lse, -100, 1.0)
+
+
+def _rce_compiled_fwd_bwd(z, y):
+    rows, lse, _, _, _ = _rce_compiled_forward_stats(z, y, -100, 1.0)
+    return rows, _rce_compiled_backward(None, z, y, lse, -100, 1.0, grad_scale=1.0 / len(z))
+
+
+def _measure_rce_cpu(logits: Tensor) -> str:
+    """Time both CPU paths, fwd + bwd, on a synthetic input like ``logits`` (same dtype
+    and classes, as many rows as fit in one PyTorch chunk); "compiled" or "torch"."""
+    n, num_classes = logits.shape
+    rows = max(1, min(n, _RCE_MEASURE_ELEMS // num_classes))
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(rows, num_classes, generator=g) * 3).to(logits.dtype)
+    y = torch.randint(0, num_classes, (rows,), generator=g)
+    paths = {"compiled": _rce_compiled_fwd_bwd, "torch": _rce_torch_fwd_bwd}
+    best = dict.fromkeys(paths, float("inf"))
+    with torch.no_grad():
+        for fn in paths.values():  # warm-up: first-call allocations, the extension's pages
+            fn(z, y)
+        for _ in range(_RCE_MEASURE_ROUNDS):  # interleaved, so load changes hit both
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                fn(z, y)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return "torch" if best["torch"] < _RCE_TORCH_MARGIN * best["compiled"] else "compiled"
+
+
+def _rce_cpu_choice(logits: Tensor) -> str:
+    if _rce_cpu_path != "measure":
+        return _rce_cpu_path
+    if torch.are_deterministic_algorithms_enabled():
+        return "compiled"
+    key = _rce_shape_class(logits)
+    choice = _RCE_CPU_CHOICE.get(key)
+    if choice is None:
+        choice = _RCE_CPU_CHOICE[key] = _measure_rce_cpu(logits)
+    return choice
 
 
 def _rce_compiled_why_not(logits: Tensor, **_) -> str | None:
@@ -75,10 +184,9 @@ def _rce_compiled_why_not(logits: Tensor, **_) -> str | None:
         return "the fused C++ loss is CPU-only"
     if logits.dtype not in (torch.float32, torch.float64):
         return f"dtype {logits.dtype} is not float32 / float64"
-    num_classes = logits.shape[1]
-    if num_classes > _COMPILED_RCE_ANY_N_MAX_CLASSES and (
-            logits.numel() > _COMPILED_RCE_MAX_ELEMS or num_classes > _COMPILED_RCE_MAX_CLASSES):
-        return "input outside the fused C++ loss's range (PyTorch is faster there)"
+    if _rce_cpu_choice(logits) == "torch":
+        how = "measured faster" if _rce_cpu_path == "measure" else "forced"
+        return f"the PyTorch path is {how} for this shape class on this CPU"
     return None
 
 

@@ -60,6 +60,10 @@ def _devices_and_backends():
 
 
 DEVICE_BACKENDS = _devices_and_backends()
+# The RCE loss also forces each of its two CPU paths ("cpu-auto" measures which is faster;
+# "cpu-torch" is the PyTorch path): "cpu-compiled" is the fused C++ loss on every shape.
+RCE_DEVICE_BACKENDS = DEVICE_BACKENDS[:2] + [
+    pytest.param(("cpu", "compiled"), id="cpu-compiled")] + DEVICE_BACKENDS[2:]
 
 
 @pytest.fixture
@@ -68,6 +72,7 @@ def on_backend(request, monkeypatch):
 
     "torch_chunked" is the CPU PyTorch path with tiny row chunks and no small-input
     shortcut, so every test also covers the multi-chunk code on small shapes.
+    "compiled" is backend "auto" with the fused C++ RCE loss forced wherever it can run.
     """
     device, backend = request.param
     if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -79,5 +84,11 @@ def on_backend(request, monkeypatch):
         monkeypatch.setattr(_torch_impl, "SMALL_ELEMS", -1)
         monkeypatch.setattr(_torch_impl, "_CHUNK_ELEMS", 64)
         backend = "torch"
+    if backend == "compiled":
+        from rce_fast import _ext, ops
+        if _ext.load()[0] is None:
+            pytest.skip("rce_fast._C is not built")
+        monkeypatch.setattr(ops, "_rce_cpu_path", "compiled")
+        backend = "auto"
     with rce_fast.use_backend(backend):
         yield device, backend

@@ -10,7 +10,9 @@ def _bench(case, role, median, **extra):
 
 
 def test_summary_table(tmp_path):
-    data = {"machine_info": {"rce_fast_gpu": "NVIDIA H100 80GB HBM3", "rce_fast_torch": "2.11"},
+    data = {"machine_info": {"rce_fast_gpu": "NVIDIA H100 80GB HBM3", "rce_fast_torch": "2.11",
+                             "rce_fast_cpu": "AMD EPYC", "rce_fast_cpu_capability": "AVX2",
+                             "rce_fast_cpp_isa": "avx2", "rce_fast_threads": 2},
             "datetime": "2026-11-25",
             "benchmarks": [
                 _bench("rce_loss 4096x32000 bf16", "rce_fast", 1e-3, bytes=3 * 4096 * 32000 * 2,
@@ -24,6 +26,9 @@ def test_summary_table(tmp_path):
                        target_ratio=3.0),
                 _bench("vs torchattacks CW", "torchattacks", 3.0,
                        target_baseline="torchattacks", target_ratio=3.0),
+                _bench("vs torchattacks CW", "model floor", 0.8,
+                       target_baseline="torchattacks", target_ratio=3.0),
+                _bench("rce_loss 128x10 fp32", "rce_fast", 1e-4, cpu_path="compiled"),
             ]}
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
@@ -36,3 +41,19 @@ def test_summary_table(tmp_path):
     assert "2e+09 pairs/s" in table and "of 3xTF32 peak" in table
     assert ">= 3x **missed**" in table
     assert "| attack C&W CE | 20.00 ms | 45.00 s |" in table
+    assert "CPU: AMD EPYC (torch CPU capability AVX2, fused C++ loss compiled for avx2), " \
+        "2 threads" in table
+    assert "| vs torchattacks CW | 2.50x |" in table  # rce_fast / model floor
+    assert "| rce_loss 128x10 fp32 | compiled |" in table
+
+
+def test_summary_table_of_an_older_file_names_its_cpu(tmp_path):
+    """Files written before the CPU fields existed still name the CPU (py-cpuinfo's)."""
+    data = {"machine_info": {"rce_fast_gpu": None, "rce_fast_torch": "2.13",
+                             "cpu": {"brand_raw": "Intel(R) Xeon(R) Processor"}},
+            "benchmarks": [_bench("kdensity", "rce_fast", 0.02)]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    table = summary.render(summary.load(path))
+    assert table.startswith("# rce_fast benchmarks (Intel(R) Xeon(R) Processor)")
+    assert "CPU: Intel(R) Xeon(R) Processor" in table

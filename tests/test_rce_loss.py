@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import rce_fast
 from rce_fast import ops
-from tests.conftest import DEVICE_BACKENDS
+from tests.conftest import RCE_DEVICE_BACKENDS as DEVICE_BACKENDS
 from tests.reference import rce_loss_closed_form, rce_loss_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -351,31 +351,157 @@ def test_range_check_runs_before_any_kernel(monkeypatch):
     assert not called
 
 
-def test_fused_cpu_loss_is_picked_for_small_inputs_only():
+# ------------------------------------------------------- CPU path: C++ or PyTorch
+
+def _needs_extension():
     from rce_fast import _ext
     if _ext.load()[0] is None:
         pytest.skip("rce_fast._C is not built")
-    small = torch.randn(128, 10)
-    wide = torch.randn(64, 1000)
-    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "compiled"
-    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=wide).name == "torch"
-    # the measured ranges: narrow rows at any N, moderately wide rows in small batches
-    for shape, name in (((8192, 10), "compiled"), ((100_000, 12), "compiled"),
-                        ((128, 64), "compiled"), ((2048, 16), "torch"),
-                        ((128, 256), "torch"), ((256, 65), "torch")):
-        got = ops._backend.pick("t", ops._RCE_FORWARD, logits=torch.empty(shape)).name
-        assert got == name, (shape, got)
-    assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small.half()).name == "torch"
-    with rce_fast.use_backend("torch"):
-        assert ops._backend.pick("t", ops._RCE_FORWARD, logits=small).name == "torch"
-    # and it is what rce_loss runs: same numbers as the PyTorch path
-    y = torch.randint(0, 10, (128,))
-    zz = small.clone().requires_grad_(True)
-    rce_fast.rce_loss(zz, y, temperature=1.5).backward()
-    with rce_fast.use_backend("torch"):
-        zt = small.clone().requires_grad_(True)
-        rce_fast.rce_loss(zt, y, temperature=1.5).backward()
-    torch.testing.assert_close(zz.grad, zt.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """Measured choices of this test only; counts the measurements."""
+    _needs_extension()
+    monkeypatch.setattr(ops, "_RCE_CPU_CHOICE", {})
+    monkeypatch.setattr(ops, "_rce_cpu_path", "measure")
+    calls = []
+    real = ops._measure_rce_cpu
+    monkeypatch.setattr(ops, "_measure_rce_cpu", lambda z: calls.append(tuple(z.shape)) or real(z))
+    return calls
+
+
+def _picked(z):
+    return ops._backend.pick("t", ops._RCE_FORWARD, logits=z).name
+
+
+def test_cpu_path_is_measured_once_per_shape_class(fresh_choices):
+    calls = fresh_choices
+    z = torch.randn(128, 10)
+    rng = torch.get_rng_state()
+    first = _picked(z)
+    assert first in ("compiled", "torch") and calls == [(128, 10)]
+    assert torch.equal(torch.get_rng_state(), rng)  # its synthetic input has its own generator
+    assert _picked(torch.randn(120, 9)) == first  # same class: cached, not measured again
+    assert calls == [(128, 10)]
+    _picked(torch.randn(64, 1000))                 # another class: measured
+    _picked(torch.randn(128, 10, dtype=torch.float64))
+    assert calls == [(128, 10), (64, 1000), (128, 10)]
+    classes = ops.rce_cpu_choices()
+    assert len(classes) == 3 and set(classes.values()) <= {"compiled", "torch"}
+    # the measured choice is what rce_loss runs
+    key = ops._rce_shape_class(torch.empty(128, 10))
+    assert ops._RCE_CPU_CHOICE[key] == first
+    ops.clear_rce_cpu_choices()
+    assert ops.rce_cpu_choices() == {}
+
+
+def test_cpu_path_measurement_is_quick_and_bounded(fresh_choices, monkeypatch):
+    """Whatever the input's size, the measurement times at most one chunk's worth."""
+    seen = []
+    real = ops._rce_compiled_fwd_bwd
+    monkeypatch.setattr(ops, "_rce_compiled_fwd_bwd", lambda z, y: seen.append(z.numel()) or real(z, y))
+    big = torch.empty(4_000_000, 10)  # not touched: only its shape and dtype are used
+    _picked(big)
+    assert seen and max(seen) <= ops._RCE_MEASURE_ELEMS
+    _picked(torch.empty(1, 600_000))  # one row wider than a chunk: that one row
+    assert max(seen) == 600_000
+
+
+@pytest.mark.parametrize("mode", ["compiled", "torch"])
+def test_cpu_path_override_forces_each_path(fresh_choices, mode, monkeypatch):
+    calls = fresh_choices
+    with ops.rce_cpu_path(mode):
+        for shape in ((128, 10), (8192, 10), (64, 1000), (2, 50_001)):
+            assert _picked(torch.empty(shape)) == mode
+        assert ops.get_rce_cpu_path() == mode
+    assert ops.get_rce_cpu_path() == "measure" and calls == []
+    monkeypatch.setenv("RCE_FAST_CPU_RCE_PATH", mode)  # the documented environment switch
+    import importlib
+    fresh = importlib.reload(ops)
+    try:
+        assert fresh.get_rce_cpu_path() == mode
+    finally:
+        monkeypatch.delenv("RCE_FAST_CPU_RCE_PATH")
+        importlib.reload(ops)
+    with pytest.raises(ValueError, match="mode"):
+        ops.set_rce_cpu_path("fast")
+
+
+def test_cpu_path_fixed_under_deterministic_algorithms(fresh_choices):
+    calls = fresh_choices
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _picked(torch.empty(128, 10)) == "compiled" and calls == []
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_cpu_path_needs_what_the_extension_supports(fresh_choices):
+    with ops.rce_cpu_path("compiled"):
+        assert _picked(torch.empty(128, 10, dtype=torch.float16)) == "torch"
+        with rce_fast.use_backend("torch"):
+            assert _picked(torch.empty(128, 10)) == "torch"
+    assert fresh_choices == []
+
+
+# Shapes that cover both C++ kernels (row lanes below 32 classes in the forward and 16 in
+# the backward, column lanes with and without a tail above) and the PyTorch small and
+# chunked paths.
+PATH_SHAPES = [(1, 2), (37, 3), (300, 10), (33, 15), (17, 16), (40, 31), (9, 32), (5, 33),
+               (128, 64), (129, 1000), (3, 4097), (2, 300_001)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_both_cpu_paths_give_the_same_results(dtype, shape):
+    """Whichever path the measurement picks, rce_loss returns the same numbers: equal to
+    within a few ulps of the accumulation dtype (both are within the reference-error
+    bound of the float64 reference, tested above). The gradient's tolerance is absolute,
+    in ulps of its largest entry: softmax - 1/(L-1) cancels, and each path's exp and
+    log-sum-exp differ by an ulp or two."""
+    _needs_extension()
+    z, y = _inputs(*shape, dtype, "cpu", seed=shape[0] + shape[1], scale=4.0, ignore_frac=0.2)
+    z[0, -1] = -1e4  # a logit whose exp underflows
+    out = {}
+    for mode in ("compiled", "torch"):
+        with ops.rce_cpu_path(mode):
+            for reduction in ("none", "mean"):
+                out[mode, reduction] = _loss_and_grad(rce_fast.rce_loss, z, y,
+                                                      reduction=reduction, temperature=1.5)
+    eps = EPS[dtype]
+    for reduction in ("none", "mean"):
+        (lc, gc), (lt, gt) = out["compiled", reduction], out["torch", reduction]
+        torch.testing.assert_close(lc, lt, rtol=16 * eps, atol=16 * eps, equal_nan=True)
+        torch.testing.assert_close(gc, gt, rtol=16 * eps, atol=16 * eps * gc.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(300, 10), (40, 31), (5, 33), (129, 1000), (2, 50_001)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused_cpu_loss_same_bits_on_every_instruction_set(dtype, shape):
+    """The fused loss's x86-64 baseline and AVX2 copies give identical bits (so do CPUs
+    without AVX2, and with AVX-512, which run one of the two)."""
+    _needs_extension()
+    module = ops._ext.load()[0]
+    z, y = _inputs(*shape, dtype, "cpu", seed=1, scale=30.0, ignore_frac=0.1)
+    z = z.contiguous()
+    n, num_classes = z.shape
+    outs = []
+    for isa in (module.ISA_BASELINE, module.ISA_AVX2):
+        loss, lse = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        stats = module.rce_forward_cpu(z.data_ptr(), y.data_ptr(), loss.data_ptr(),
+                                       lse.data_ptr(), n, num_classes, num_classes, -100, 0.7,
+                                       dtype == torch.float64, 1, isa)
+        g = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        grad = torch.empty_like(z)
+        module.rce_backward_cpu(g.data_ptr(), 1.0, z.data_ptr(), y.data_ptr(), lse.data_ptr(),
+                                grad.data_ptr(), n, num_classes, num_classes, -100, 0.7,
+                                dtype == torch.float64, 1, isa)
+        outs.append((loss, lse, grad, stats))
+    (l0, s0, g0, st0), (l1, s1, g1, st1) = outs
+    assert torch.equal(l0, l1) and torch.equal(s0, s1) and torch.equal(g0, g1) and st0 == st1
 
 
 # ------------------------------------------------------------------- double backward
