@@ -383,6 +383,33 @@ def kdensity_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tens
     return dq
 
 
+def kdensity_bank_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tensor,
+                       bank: torch.Tensor, b_offsets: torch.Tensor, lse: torch.Tensor,
+                       sigma2: float) -> torch.Tensor:
+    """d (sum_i grad_lse[i] lse_i) / d bank = (2 / sigma2) sum_i g_i p_ij (q_i - x_j),
+    (M, D) in the bank's dtype; the same blocks (and memory bound) as the forward. Runs
+    on any device (a bank gradient is rare: learning the kernel points)."""
+    acc = acc_dtype(q.dtype)
+    db = torch.zeros(bank.shape, dtype=acc, device=bank.device)
+    if q.shape[0] == 0:
+        return db.to(bank.dtype)
+    buf = _kd_scratch(q_offsets, b_offsets, acc, q.device)
+    scale = 2.0 / sigma2
+    for rows, bank_slices in _kd_blocks(q_offsets, b_offsets):
+        qq = q[rows].to(acc)
+        qn = (qq * qq).sum(1)
+        g = grad_lse[rows].to(acc)
+        gq = qq * g.unsqueeze(1)
+        for bs in bank_slices:
+            b = bank[bs].to(acc)
+            shape = qq.shape[0], bs.stop - bs.start
+            p = _kd_logits(qq, qn, b, -1.0 / sigma2, _block_view(buf, *shape))
+            exp_flush_(p.sub_(lse[rows].unsqueeze(1)))
+            part = torch.mm(p.t(), gq).sub_(torch.mv(p.t(), g).unsqueeze(1) * b)
+            db[bs] += part.mul_(scale)
+    return db.to(bank.dtype)
+
+
 # ----------------------------------------------------------------------- JSMA pairs
 _PAIR_BLOCK = 1 << 22  # pair scores materialised at once (16 MiB)
 

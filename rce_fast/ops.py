@@ -556,6 +556,19 @@ def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("rce_fast::kdensity_bank_grad", mutates_args=())
+def kdensity_bank_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
+                       b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
+    """Gradient of sum_i grad_lse[i] * lse_i w.r.t. the bank (PyTorch, blocked, any device)."""
+    return _torch_impl.kdensity_bank_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
+                                          sigma2)
+
+
+@kdensity_bank_grad.register_fake
+def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
+    return torch.empty_like(bank, memory_format=torch.contiguous_format)
+
+
 def _kd_setup_context(ctx, inputs, output):
     q, q_offsets, bank, b_offsets, sigma2 = inputs
     ctx.save_for_backward(q, q_offsets, bank, b_offsets, output)
@@ -564,11 +577,14 @@ def _kd_setup_context(ctx, inputs, output):
 
 def _kd_backward(ctx, grad_lse):
     q, q_offsets, bank, b_offsets, lse = ctx.saved_tensors
-    grad = None
+    grad = grad_bank = None
     if ctx.needs_input_grad[0]:
         grad = torch.ops.rce_fast.kdensity_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
                                                 ctx.sigma2)
-    return grad, None, None, None, None
+    if ctx.needs_input_grad[2]:  # kernel points that are learned
+        grad_bank = torch.ops.rce_fast.kdensity_bank_grad(grad_lse, q, q_offsets, bank,
+                                                          b_offsets, lse, ctx.sigma2)
+    return grad, None, grad_bank, None, None
 
 
 kdensity_lse.register_autograd(_kd_backward, setup_context=_kd_setup_context)

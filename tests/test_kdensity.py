@@ -364,3 +364,119 @@ def test_triton_upper_bound_grid_without_host_sync(monkeypatch):
     ref.sum().backward()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(qq.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- reliability (issue 12)
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+def test_bank_gradient_is_the_true_one(on_backend):
+    """The bank's gradient flows through every kernel point, not only through the class
+    means (it used to: silently wrong)."""
+    device, _ = on_backend
+    q, b, bl, qc = _data(30, 45, 12, 3, device=device, seed=40)
+    bb, qq = b.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    w = torch.linspace(-1, 2, 30, device=device)
+    (rce_fast.kdensity(qq, bb, bl, qc, 3.0) * w).sum().backward()
+    b64 = b.double().cpu().requires_grad_(True)
+    q64 = q.double().cpu().requires_grad_(True)
+    (kdensity_reference(q64, b64, bl.cpu(), qc.cpu(), 3.0) * w.double().cpu()).sum().backward()
+    torch.testing.assert_close(bb.grad.double().cpu(), b64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(qq.grad.double().cpu(), q64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64_queries_and_bank():
+    q, b, bl, qc = _data(6, 12, 5, 3, dtype=torch.float64, seed=41)
+    assert torch.autograd.gradcheck(lambda t, u: rce_fast.kdensity(t, u, bl, qc, 1.5),
+                                    (q.requires_grad_(True), b.requires_grad_(True)))
+
+
+def test_float64_is_float64_accurate():
+    q, b, bl, qc = _data(50, 80, 16, 4, dtype=torch.float64, seed=42)
+    out = rce_fast.kdensity(q, b, bl, qc, 2.0)
+    ref = kdensity_reference(q, b, bl, qc, 2.0)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max() < 1e-12
+
+
+def test_cost_follows_the_data_not_the_label_values():
+    """Labels up to 10^9 on a 30-row bank: the old index sized its buffers by the largest
+    label (5.5 GB at 10^7, killed at 10^9); now by the rows and the classes present."""
+    code = (
+        "import resource, torch, rce_fast\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "b = torch.randn(30, 64, generator=g); q = torch.randn(8, 64, generator=g)\n"
+        "bl = torch.tensor([5, 10**7, 10**9]).repeat(10)\n"
+        "qc = torch.tensor([10**9, 5, 10**7, 5, 5, 10**9, 10**7, 5])\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = rce_fast.kdensity(q, b, bl, qc, 8.0)\n"
+        "assert torch.isfinite(out).all()\n"
+        "det = rce_fast.KDensityDetector(per_class=5)\n"
+        "try:\n"
+        "    det.fit(b, bl)\n"
+        "except ValueError as e:\n"
+        "    assert 'classes [0, 1, 2' in str(e) and 'more' in str(e)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 200
+    q, b, bl, qc = _data(20, 30, 6, 3, seed=43)
+    sparse_bl, sparse_qc = bl * 10**6 + 7, qc * 10**6 + 7
+    torch.testing.assert_close(rce_fast.kdensity(q, b, sparse_bl, sparse_qc, 1.0),
+                               rce_fast.kdensity(q, b, bl, qc, 1.0))
+    with pytest.raises(ValueError, match=r"no bank rows: \[8\]"):
+        rce_fast.kdensity(q, b, sparse_bl, torch.full((20,), 8), 1.0)
+
+
+def test_detector_round_trips_everything_and_drives_cw_wb(tmp_path):
+    from tests.helpers import digits_mlp, digits_tensors
+    model = digits_mlp("rce")
+    x, y = digits_tensors()
+    with torch.no_grad():
+        feats = model.features(x[:600])
+    det = rce_fast.KDensityDetector(per_class=40, seed=5).fit(feats, y[:600])
+    det.class_medians(feats, y[:600], kernel_points=15)
+    det.fit_threshold(feats[:200], y[:200], fpr=0.1)
+    det.save(tmp_path / "det.pt")
+    loaded = rce_fast.KDensityDetector.load(tmp_path / "det.pt")
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    for name in ("bank", "bank_labels", "medians"):
+        assert torch.equal(getattr(loaded, name), getattr(det, name))
+    assert loaded.threshold == det.threshold and loaded.kernel_points == 15
+    for field in ("bank", "offsets", "counts", "centers", "classes"):
+        assert torch.equal(getattr(loaded.median_index, field), getattr(det.median_index, field))
+    kw = dict(stage1=dict(max_iterations=5, binary_search_steps=1),
+              stage2=dict(max_iterations=5, binary_search_steps=1), return_info=True)
+    a1, i1 = rce_fast.attacks.cw_wb(model, x[600:606], "random", det, **kw)
+    a2, i2 = rce_fast.attacks.cw_wb(model, x[600:606], "random", loaded, **kw)
+    assert torch.equal(a1, a2) and torch.equal(i1.f2, i2.f2)
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), (b"", "empty file"), (b"garbage bytes", "cannot be read"),
+    ("truncated", "cannot be read"), ("foreign", "missing"), ("list", "expected a dict"),
+    ("pickle", "Python objects"),
+])
+def test_detector_load_errors_name_the_path(tmp_path, content, message):
+    path = tmp_path / "det.pt"
+    if content == "truncated":
+        q, b, bl, qc = _data(10, 30, 4, 3, seed=44)
+        rce_fast.KDensityDetector(per_class=5).fit(b, bl).save(path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "foreign":
+        torch.save({"model": torch.zeros(3)}, path)
+    elif content == "list":
+        torch.save([1, 2], path)
+    elif content == "pickle":  # a crafted file with code in it: refused, never run
+        torch.save({"sigma2": _NotATensor()}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    exc = FileNotFoundError if content is None else ValueError
+    with pytest.raises(exc, match=message) as info:
+        rce_fast.KDensityDetector.load(path)
+    assert str(path) in str(info.value)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _torch_impl
 from .._torch_impl import acc_dtype, all_finite
 from ._checks import _FLOAT
 
@@ -27,7 +28,7 @@ def confidence(decision_logits: Tensor) -> Tensor:
     """max_i softmax(decision_logits)_i per row, (N,) float32 (float64 for float64)."""
     _check_logits(decision_logits)
     z = decision_logits.to(acc_dtype(decision_logits.dtype))
-    return torch.softmax(z, -1).amax(-1)
+    return _torch_impl.softmax(z, -1).amax(-1)  # no exp underflow slow path on CPU
 
 
 def non_me(decision_logits: Tensor) -> Tensor:
@@ -39,8 +40,8 @@ def non_me(decision_logits: Tensor) -> Tensor:
     _check_logits(decision_logits)
     z = decision_logits.to(acc_dtype(decision_logits.dtype))
     top = z.argmax(-1, keepdim=True)
-    log_q = torch.log_softmax(z.scatter(-1, top, float("-inf")), -1)
-    q = log_q.exp()
+    log_q = _torch_impl.log_softmax(z.scatter(-1, top, float("-inf")), -1)
+    q = _torch_impl.exp_flush(log_q)  # exact 0 at -inf; no underflow slow path on CPU
     return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
 
 
