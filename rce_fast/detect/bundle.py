@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .kd_detector import KDensityDetector, _sample_per_class
-from .kdensity import build_bank_index
+from .._io import atomic_torch_save, safe_torch_load
+from .kd_detector import KDensityDetector
 from .lid import LIDDetector
 from .mahalanobis import MahalanobisDetector
 from .rates import as_scores, threshold_at_fpr
@@ -99,38 +98,22 @@ def save_detector(path, detector, calibration_scores=None, fpr: float | None = N
                "kernel_points": kernel_points, "meta": dict(meta or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)
 
 
-def _kdensity_from_state(state: dict, device, kernel_points: int | None) -> KDensityDetector:
-    det = KDensityDetector(state["sigma2"], state["per_class"], state["seed"],
-                           state["objective"])
-    det.bank = state["bank"].to(device)
-    det.bank_labels = state["bank_labels"].to(device)
-    det.index = build_bank_index(det.bank, det.bank_labels, state["num_classes"])
-    det.threshold = state["threshold"]
-    if state.get("medians") is not None:
-        det.medians = state["medians"].to(device)
-        if kernel_points is not None:  # the same draw as KDensityDetector.class_medians
-            g = torch.Generator().manual_seed(det.seed + 1)
-            idx = _sample_per_class(det.bank_labels, int(kernel_points), g, det.num_classes)
-            det.median_index = build_bank_index(det.bank[idx], det.bank_labels[idx],
-                                                det.num_classes)
-    return det
+def _kdensity_from_state(state: dict, device, kernel_points: int | None,
+                         source: str = "state") -> KDensityDetector:
+    state = dict(state)
+    if state.get("kernel_points") is None and kernel_points is not None:
+        state["kernel_points"] = kernel_points  # files written before the detector kept it
+    return KDensityDetector.from_state_dict(state, device, source=source)
 
 
 def load_detector(path, device: str | torch.device = "cpu") -> DetectorFile:
     """Read a file of :func:`save_detector` (or of a detector's own ``save``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector file {path} not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a detector file readable with weights_only=True: "
-                         f"{str(exc).splitlines()[0]}") from None
+    payload = safe_torch_load(path, "a detector file (rce-fast fit-detector, or a "
+                                    "detector's save)")
     if not isinstance(payload, dict):
         raise ValueError(f"{path} does not hold a detector (found {type(payload).__name__})")
     device = torch.device(device)
@@ -153,7 +136,7 @@ def load_detector(path, device: str | torch.device = "cpu") -> DetectorFile:
     if kind not in KINDS:
         raise ValueError(f"{path}: unknown detector kind {kind!r}")
     if kind == "kdensity":
-        det = _kdensity_from_state(state, device, kernel_points)
+        det = _kdensity_from_state(state, device, kernel_points, source=str(path))
     else:
         det = KINDS[kind]._from_state(state, device)
     thr = info["threshold"]
