@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._io import atomic_torch_save, safe_torch_load
 from .._torch_impl import all_finite
 from .rates import threshold_at_fpr
 
@@ -147,22 +148,21 @@ class LayerDetector:
         self._require_fit()
         state = self.state_dict()
         state["kind"] = self.kind
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu"):
         """Read a detector written by :meth:`save` (``weights_only=True``: no code runs)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"detector file {path} not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path, f"a {cls.__name__} file ({cls.__name__}.save)")
         if not isinstance(state, dict) or state.get("kind") != cls.kind:
             found = state.get("kind") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{path} does not hold a {cls.__name__} (kind {found!r})")
-        return cls._from_state(state, torch.device(device))
+        try:
+            return cls._from_state(state, torch.device(device))
+        except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"{path}: not a valid {cls.__name__} file ({type(exc).__name__}: "
+                             f"{exc})") from None
 
 
 def as_numpy(t: Tensor) -> np.ndarray:
