@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cw.h"
 #include "jsma.h"
 #include "rce.h"
 
@@ -53,6 +54,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("y"), py::arg("n"), py::arg("is_double"),
       py::arg("isa") = rce_fast::kIsaAuto,
       "y = exp(x) elementwise with the fused loss's vectorised exp (for tests).");
+  m.def(
+      "cw_update_cpu",
+      [](uintptr_t g, uintptr_t w, uintptr_t m_, uintptr_t v, uintptr_t t, uintptr_t xp,
+         uintptr_t x, uintptr_t best, uintptr_t improved, uintptr_t l2, int64_t B, int64_t n,
+         double lr, double beta1, double beta2, double eps, double step_size,
+         double inv_sqrt_bc2, double half, double mid, int threads, int isa) {
+        rce_fast::CwAdam adam{lr, beta1, beta2, eps, step_size, inv_sqrt_bc2};
+        rce_fast::cw_update_cpu(
+            reinterpret_cast<const float*>(g), reinterpret_cast<float*>(w),
+            reinterpret_cast<float*>(m_), reinterpret_cast<float*>(v),
+            reinterpret_cast<float*>(t), reinterpret_cast<float*>(xp),
+            reinterpret_cast<const float*>(x), reinterpret_cast<float*>(best),
+            reinterpret_cast<const uint8_t*>(improved), reinterpret_cast<float*>(l2), B, n,
+            adam, half, mid, threads, isa);
+      },
+      py::arg("g"), py::arg("w"), py::arg("m"), py::arg("v"), py::arg("t"), py::arg("xp"),
+      py::arg("x"), py::arg("best"), py::arg("improved"), py::arg("l2"), py::arg("B"),
+      py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("step_size"), py::arg("inv_sqrt_bc2"), py::arg("half"), py::arg("mid"),
+      py::arg("threads"), py::arg("isa") = rce_fast::kIsaAuto,
+      "Fused C&W update step (float32, contiguous (B, n) buffers), see csrc/cw.h.");
+  m.def(
+      "cw_tanh_cpu",
+      [](uintptr_t x, uintptr_t y, int64_t n, int isa) {
+        rce_fast::cw_tanh_cpu(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
+                              n, isa);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("isa") = rce_fast::kIsaAuto,
+      "tanh as the fused C&W step computes it (float32).");
   m.def("cpu_isa", &rce_fast::cpu_isa_name, py::arg("isa") = rce_fast::kIsaAuto,
         "Which compiled copy of the CPU loss kernels runs: 'avx2' or 'baseline'.");
   m.attr("ISA_AUTO") = rce_fast::kIsaAuto;

@@ -1,0 +1,161 @@
+// Fused C&W (Carlini-Wagner L2) update step on CPU: everything a step does after the
+// model's input gradient, in ONE pass over the batch instead of about ten tensor ops
+// (gradient through the distance and the tanh box, Adam, best-so-far bookkeeping, the
+// next iterate and its distance). The model's forward and backward are all that is left.
+//
+// tanh(w) = sign(w) (1 - e) / (1 + e), e = exp(-2|w|) with vec_exp.h's branch-free exp:
+// absolute error below 3e-7 (tests/test_cw_fused.py), which is below one float ulp of
+// the box's bounds, so x' stays exactly inside [lo, hi] up to the same rounding as
+// before. Each row's squared distance is summed in kLanes fixed double accumulators, so
+// the baseline and AVX2 copies (compiled with -ffp-contract=off) return the same bits.
+#include <cmath>
+#include <cstdint>
+
+#include "cw.h"
+#include "rce.h"
+#include "vec_exp.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define RCE_FAST_CW_X86 1
+#define RCE_FAST_CW_AVX2 __attribute__((target("avx2")))
+#else
+#define RCE_FAST_CW_AVX2
+#endif
+#if defined(__GNUC__)
+#define RCE_FAST_CW_INLINE inline __attribute__((always_inline))
+#else
+#define RCE_FAST_CW_INLINE inline
+#endif
+
+namespace rce_fast {
+namespace {
+
+constexpr int kLanes = 16;
+
+RCE_FAST_CW_INLINE float tanh_box(float w) {
+  const float a = w < 0.0f ? -w : w;
+  const float e = exp_flush(-2.0f * a);
+  const float t = (1.0f - e) / (1.0f + e);
+  return w < 0.0f ? -t : t;
+}
+
+template <bool kCopyBest>
+RCE_FAST_CW_INLINE double update_row(const float* g, float* w, float* m, float* v, float* t,
+                                     float* xp, const float* x, float* best, int64_t n,
+                                     float b1, float one_minus_b1, float b2,
+                                     float one_minus_b2, float step_size, float inv_sqrt_bc2,
+                                     float eps, float half, float mid) {
+  double acc[kLanes] = {0.0};
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    const int64_t len = n - j0 < kLanes ? n - j0 : kLanes;
+    float d2[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      const int64_t j = j0 + (k < len ? k : 0);
+      const float xo = xp[j];
+      const float tt = t[j];
+      float gw = g[j] + 2.0f * (xo - x[j]);
+      gw = gw - (gw * tt) * tt;
+      gw = gw * half;
+      const float mm = b1 * m[j] + one_minus_b1 * gw;
+      const float vv = b2 * v[j] + one_minus_b2 * (gw * gw);
+      const float ww = w[j] - step_size * (mm / (std::sqrt(vv) * inv_sqrt_bc2 + eps));
+      const float tn = tanh_box(ww);
+      const float xn = tn * half + mid;
+      const float d = xn - x[j];
+      d2[k] = k < len ? d * d : 0.0f;
+      if (k < len) {
+        if (kCopyBest) best[j] = xo;
+        m[j] = mm;
+        v[j] = vv;
+        w[j] = ww;
+        t[j] = tn;
+        xp[j] = xn;
+      }
+    }
+    for (int k = 0; k < kLanes; ++k) acc[k] += static_cast<double>(d2[k]);
+  }
+  double s[kLanes / 2];
+  for (int k = 0; k < kLanes / 2; ++k) s[k] = acc[k] + acc[k + kLanes / 2];
+  for (int h = kLanes / 4; h >= 1; h /= 2)
+    for (int k = 0; k < h; ++k) s[k] = s[k] + s[k + h];
+  return s[0];
+}
+
+#define RCE_FAST_CW_KERNELS(SUFFIX, ATTR)                                                    \
+  ATTR double row_##SUFFIX(const float* g, float* w, float* m, float* v, float* t, float* xp, \
+                           const float* x, float* best, bool copy, int64_t n, float b1,     \
+                           float b1c, float b2, float b2c, float ss, float isb, float eps,  \
+                           float half, float mid) {                                         \
+    return copy ? update_row<true>(g, w, m, v, t, xp, x, best, n, b1, b1c, b2, b2c, ss, isb, \
+                                   eps, half, mid)                                          \
+                : update_row<false>(g, w, m, v, t, xp, x, best, n, b1, b1c, b2, b2c, ss,    \
+                                    isb, eps, half, mid);                                   \
+  }                                                                                         \
+  ATTR void tanh_##SUFFIX(const float* x, float* y, int64_t n) {                            \
+    for (int64_t i = 0; i < n; ++i) y[i] = tanh_box(x[i]);                                  \
+  }
+
+RCE_FAST_CW_KERNELS(base, )
+#ifdef RCE_FAST_CW_X86
+RCE_FAST_CW_KERNELS(avx2, RCE_FAST_CW_AVX2)
+#endif
+#undef RCE_FAST_CW_KERNELS
+
+bool cw_use_avx2(int isa) {
+#ifdef RCE_FAST_CW_X86
+  if (isa == kIsaBaseline) return false;
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+}  // namespace
+
+void cw_update_cpu(const float* g, float* w, float* m, float* v, float* t, float* xp,
+                   const float* x, float* best, const uint8_t* improved, float* l2,
+                   int64_t B, int64_t n, const CwAdam& adam, double half, double mid,
+                   int threads, int isa) {
+  const bool avx2 = cw_use_avx2(isa);
+  const float b1 = static_cast<float>(adam.beta1), b2 = static_cast<float>(adam.beta2);
+  const float b1c = static_cast<float>(1.0 - adam.beta1);
+  const float b2c = static_cast<float>(1.0 - adam.beta2);
+  const float ss = static_cast<float>(adam.step_size);
+  const float isb = static_cast<float>(adam.inv_sqrt_bc2);
+  const float eps = static_cast<float>(adam.eps);
+  const float fh = static_cast<float>(half), fm = static_cast<float>(mid);
+#pragma omp parallel for num_threads(threads) if (B * n >= (1 << 15)) schedule(static)
+  for (int64_t r = 0; r < B; ++r) {
+    const int64_t o = r * n;
+    const bool copy = improved[r] != 0;
+    double s;
+#ifdef RCE_FAST_CW_X86
+    if (avx2)
+      s = row_avx2(g + o, w + o, m + o, v + o, t + o, xp + o, x + o, best + o, copy, n, b1,
+                   b1c, b2, b2c, ss, isb, eps, fh, fm);
+    else
+#endif
+      s = row_base(g + o, w + o, m + o, v + o, t + o, xp + o, x + o, best + o, copy, n, b1,
+                   b1c, b2, b2c, ss, isb, eps, fh, fm);
+    l2[r] = static_cast<float>(s);
+  }
+  (void)avx2;
+}
+
+void cw_tanh_cpu(const float* x, float* y, int64_t n, int isa) {
+#ifdef RCE_FAST_CW_X86
+  if (cw_use_avx2(isa)) {
+    tanh_avx2(x, y, n);
+    return;
+  }
+#endif
+  (void)isa;
+  tanh_base(x, y, n);
+}
+
+}  // namespace rce_fast
