@@ -333,8 +333,8 @@ def _pipeline(cfg, run: _RunState, budget: Budget, device, data, log, force_resu
 
     for objective in ("ce", "rce"):
         model = _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te,
-                            num_classes, log, force_resume, passes)
-        det = _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr,
+                            x_att, num_classes, log, force_resume, passes)
+        det = _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att,
                              num_classes, passes)
         runs = _attack_runs(cfg, model, det, num_classes)
         clean = None
@@ -370,8 +370,8 @@ def _load_model(cfg, run, objective, device):
     return load_classifier(run.out / f"{objective}.pt", device)
 
 
-def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, num_classes,
-                log, force_resume, passes):
+def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, x_att,
+                num_classes, log, force_resume, passes):
     key = f"{objective}/train"
     if key in run.units:
         return _load_model(cfg, run, objective, device)
@@ -390,7 +390,7 @@ def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, num
                            force_resume=force_resume, keep_optimizer=False)
         seconds = history["seconds"]
     model = _load_model(cfg, run, objective, device)  # the same path on every run
-    if not budget.allow("test error", passes(objective, model, len(x_te) / max(1, cfg.n_attack))):
+    if not budget.allow("test error", passes(objective, model, len(x_te) / len(x_att))):
         _stop(budget)
     with budget.abandonable():
         error = evaluate_error(model, x_te, y_te)
@@ -400,13 +400,12 @@ def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, num
     return model
 
 
-def _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, num_classes,
-                   passes):
+def _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att,
+                   num_classes, passes):
     key = f"{objective}/detector"
     path = run.out / f"{objective}_detector.pt"
     if key not in run.units:
-        if not budget.allow("detector", passes(objective, model,
-                                               2.0 * len(x_tr) / max(1, cfg.n_attack))):
+        if not budget.allow("detector", passes(objective, model, 2.0 * len(x_tr) / len(x_att))):
             _stop(budget)
         with budget.abandonable():
             feats = _batched(model.features, x_tr, device)

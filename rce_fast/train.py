@@ -185,13 +185,13 @@ def _check_resume(path: Path, state: dict, current: dict, force: bool) -> list[s
     return diffs
 
 
-def _agree(n: int, interrupted: bool, world: int) -> tuple[int, bool]:
+def _agree(n: int, interrupted: bool, world: int, device: torch.device) -> tuple[int, bool]:
     """Under DDP every rank must run the same steps: rank 0's grant, and a stop if any
     rank was signalled (two tiny collectives per chunk, never per step)."""
     if world == 1:
         return n, interrupted
-    backend_dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([n, int(interrupted)], dtype=torch.int64, device=backend_dev)
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([n, int(interrupted)], dtype=torch.int64, device=where)
     flag = t[1:].clone()
     dist.broadcast(t, 0)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -245,7 +245,7 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     history = {"step": [], "loss": [], "lr": [], "config": asdict(config)}
     start, seconds_before = 0, 0.0
     if ckpt is not None and resume and ckpt.is_file():
-        state = _load_checkpoint(ckpt, device)
+        state = _load_checkpoint(ckpt)
         forced = _check_resume(ckpt, state, settings, force_resume)
         net.load_state_dict(state["model"])
         history, start = state["history"], state["step"]
@@ -302,7 +302,7 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
             n = config.steps - step
             if budget is not None:
                 n = budget.grant(kind, n) if rank == 0 else n
-                n, stop = _agree(n, budget.interrupted, world)
+                n, stop = _agree(n, budget.interrupted, world, device)
                 if n == 0 or stop:
                     save(step, False)
                     raise StopRequested(budget.stop_reason or "stop requested")
@@ -333,6 +333,7 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     save(step, step == config.steps)
+            flush()  # one sync per chunk: the bar shows the latest logged loss
             if budget is not None:
                 if rank == 0:
                     budget.done(ran)
@@ -346,9 +347,11 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     return Classifier(net, config.objective).eval(), history
 
 
-def _load_checkpoint(path: Path, device) -> dict:
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict, on the CPU: the RNG states must stay CPU tensors (and
+    load_state_dict moves weights and optimizer state to the parameters' device)."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear error
         raise ValueError(f"checkpoint {path} cannot be read as an rce_fast checkpoint "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
@@ -381,7 +384,7 @@ def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = _load_checkpoint(path, device)
+    state = _load_checkpoint(path)
     cfg = state["config"]
     net = build_model(cfg["model"], state["in_channels"], state["num_classes"]).to(device)
     net.load_state_dict(state["model"])
