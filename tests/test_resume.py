@@ -437,46 +437,60 @@ def test_finished_compact_checkpoint_holds_no_optimizer(tmp_path, small_digits):
 # ------------------------------------------------------------------ signals, for real
 
 def _spawn(args, cwd):
+    """The CLI in a subprocess; its stderr goes to cwd/stderr.txt (read while it runs)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rce_fast", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = open(Path(cwd) / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rce_fast", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err, text=True)
+    err.close()
+    return proc
 
 
-def _wait_for(path: Path, proc, timeout=300.0):
+def _wait_for(ready, proc, timeout=600.0):
     t0 = time.monotonic()
-    while not path.exists():
+    while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.communicate()}")
+            raise AssertionError(f"process ended early with status {proc.returncode}")
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            raise AssertionError(f"{path} did not appear")
+            raise AssertionError("the process never got there")
         time.sleep(0.05)
+
+
+def _finish(proc, cwd) -> str:
+    proc.wait(timeout=300)
+    return (Path(cwd) / "stderr.txt").read_text()
 
 
 def test_a_signal_stops_training_cleanly_with_exit_status_3(tmp_path):
     sig = signal.SIGINT  # what Ctrl-C sends; the demo below gets SIGTERM
     ckpt = tmp_path / "m.pt"
-    args = ["train", "--model", "resnet8", "--steps", "2000", "--out", str(ckpt), "--quiet"]
+    args = ["train", "--model", "resnet8", "--steps", "2000", "--out", str(ckpt)]
     proc = _spawn(args, tmp_path)
-    _wait_for(ckpt, proc)  # the first checkpoint (step 100): training is under way
-    step0 = torch.load(ckpt, weights_only=True)["step"]
+    # the progress bar is on stderr: training is under way (handlers long installed)
+    _wait_for(lambda: "train rce" in (tmp_path / "stderr.txt").read_text(), proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    err = _finish(proc, tmp_path)
     assert proc.returncode == 3, err[-2000:]
     assert "not finished, run the same command again" in err
     assert f"{signal.Signals(sig).name} received" in err and "Traceback" not in err
     state = torch.load(ckpt, weights_only=True)
-    assert step0 <= state["step"] < 2000 and "optimizer" in state
+    assert 0 <= state["step"] < 2000 and "optimizer" in state
     assert not list(tmp_path.glob(".*.tmp"))
+    # the same command continues from there (a few steps, then stopped by its budget)
+    proc = _spawn(args + ["--time-budget", "1"], tmp_path)
+    err = _finish(proc, tmp_path)
+    assert proc.returncode == 3 and "time budget" in err, err[-2000:]
+    assert torch.load(ckpt, weights_only=True)["step"] >= state["step"]
 
 
 def test_a_signal_during_the_attacks_of_a_demo_saves_and_exits_3(tmp_path):
     out = tmp_path / "demo"
     proc = _spawn(["demo", "--steps", "20", "--n-attack", "8", "--out", str(out),
                    "--quiet"], tmp_path)
-    _wait_for(out / "adversarial" / "ce_fgsm.pt", proc)
+    _wait_for((out / "adversarial" / "ce_fgsm.pt").exists, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = _finish(proc, tmp_path)
     assert proc.returncode == 3, err[-2000:]
     assert "not finished, run the same command again" in err
     import json
