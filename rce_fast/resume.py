@@ -5,7 +5,9 @@ chunks of steps: before each chunk it asks its :class:`Budget` how many steps it
 (:meth:`Budget.grant`). The budget answers from the time per step measured on the
 chunks before (the first chunk of each kind is a one-step probe), keeping a reserve
 for saving, and answers 0 when not even one more step fits; the unit then saves its
-whole state and raises :class:`StopRequested`. An indivisible unit (FGSM, JSMA, the
+whole state and raises :class:`StopRequested`. If not even the first piece of work of a
+session fits, :class:`BudgetTooSmall` is raised instead (the same budget would never
+make progress). An indivisible unit (FGSM, JSMA, the
 detector) asks :meth:`Budget.allow` with an estimate of its time. So a run stops
 *before* starting work that would not fit, instead of being killed in the middle of it.
 
@@ -53,6 +55,11 @@ class StopRequested(Exception):
 
 class ResumeMismatch(ValueError):
     """Saved state was written with other settings than the ones given now."""
+
+
+class BudgetTooSmall(ValueError):
+    """Not even the first piece of work of a session fits in its time budget: another
+    run with the same budget would make no progress either."""
 
 
 class Budget:
@@ -154,6 +161,17 @@ class Budget:
         self.stop_reason = reason
         return 0
 
+    def _out_of_time(self, kind: str, need: float) -> int:
+        """Refuse for lack of time; at the session's first piece of work that would
+        mean never progressing, so raise BudgetTooSmall instead."""
+        if not self.grants:
+            raise BudgetTooSmall(
+                f"time budget of {self.seconds:g} s is too small: {self.elapsed():.0f} s "
+                f"went to starting up and the first piece of work ({kind}) needs about "
+                f"{need + self.reserve:.0f} s more by estimate (a reserve of "
+                f"{self.reserve:.0f} s included); give a larger --time-budget")
+        return self._refuse("time budget")
+
     def grant(self, kind: str, remaining: int) -> int:
         """How many of the ``remaining`` steps of ``kind`` to run now (0: stop here).
 
@@ -171,7 +189,7 @@ class Budget:
         if rate is None:
             if self.seconds is not None:
                 if self._spare() <= 0:
-                    return self._refuse("time budget")
+                    return self._out_of_time(kind, 0.0)
                 n = 1  # probe: one step measures the rate
         else:
             if math.isfinite(self.chunk_seconds):
@@ -179,7 +197,7 @@ class Budget:
             if self.seconds is not None:
                 fits = int(self._spare() / (max(rate, 1e-9) * self.safety))
                 if fits < 1:
-                    return self._refuse("time budget")
+                    return self._out_of_time(kind, rate * self.safety)
                 n = min(n, fits)
         self.grants.append((kind, n))
         self._open = (kind, n, self.clock())
@@ -198,7 +216,7 @@ class Budget:
             known = [v for v in (estimate, self.rate(kind)) if v is not None]
             need = self.safety * max(known) if known else 0.0
             if self._spare() <= need:
-                self._refuse("time budget")
+                self._out_of_time(kind, need)
                 return False
         self.grants.append((kind, 1))
         self._open = (kind, 1, self.clock())

@@ -16,8 +16,8 @@ from rce_fast import attacks as A
 from rce_fast.attacks import cw as cw_module
 from rce_fast.data import load_digits_split
 from rce_fast.detect import KDensityDetector
-from rce_fast.resume import (Budget, ResumeMismatch, StopRequested, WorkControl,
-                             atomic_torch_save, atomic_write_text, check_output_file,
+from rce_fast.resume import (Budget, BudgetTooSmall, ResumeMismatch, StopRequested,
+                             WorkControl, atomic_torch_save, atomic_write_text, check_output_file,
                              check_output_folder, handle_signals, pack_like, settings_diff,
                              unpack_like)
 from rce_fast.train import TrainConfig, load_classifier, train
@@ -75,6 +75,21 @@ def test_budget_probes_then_sizes_chunks_from_the_measured_rate():
     assert b.rate("other") is None
 
 
+def test_a_budget_too_small_for_any_progress_is_an_error_not_a_stop():
+    """Stopping before the first piece of work would make every re-run stop there too."""
+    clock = FakeClock()
+    b = Budget(10.0, clock=clock, reserve=3.0)
+    clock.now += 8.0                            # start-up took 8 of the 10 s
+    with pytest.raises(BudgetTooSmall, match="too small.*train.*larger --time-budget"):
+        b.grant("train", 100)
+    b = Budget(60.0, clock=clock, reserve=3.0)
+    with pytest.raises(BudgetTooSmall, match="JSMA"):
+        b.allow("JSMA", estimate=100.0)
+    assert b.allow("FGSM", estimate=10.0)       # once work was done, a refusal is a stop
+    b.done()
+    assert not b.allow("JSMA", estimate=100.0) and b.stop_reason == "time budget"
+
+
 def test_budget_refuses_indivisible_units_that_would_not_fit():
     clock = FakeClock()
     b = Budget(60.0, clock=clock, reserve=5.0, safety=1.25)
@@ -85,6 +100,8 @@ def test_budget_refuses_indivisible_units_that_would_not_fit():
     assert not b.allow("attack", estimate=1.0)  # the measured 45 s counts, 10 s left
     assert b.stop_reason == "time budget"
     b = Budget(60.0, clock=clock, reserve=5.0)
+    assert b.grant("step", 1) == 1
+    b.done()
     b.note_save(3.0)                            # the reserve grows by twice the slowest save
     clock.now += 50.0
     assert not b.allow("tiny", estimate=0.1)
@@ -477,11 +494,11 @@ def test_a_signal_stops_training_cleanly_with_exit_status_3(tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert 0 <= state["step"] < 2000 and "optimizer" in state
     assert not list(tmp_path.glob(".*.tmp"))
-    # the same command continues from there (a few steps, then stopped by its budget)
-    proc = _spawn(args + ["--time-budget", "1"], tmp_path)
+    # a budget used up by the start-up alone: an error, not a stop that would repeat
+    proc = _spawn(args + ["--time-budget", "0.5"], tmp_path)
     err = _finish(proc, tmp_path)
-    assert proc.returncode == 3 and "time budget" in err, err[-2000:]
-    assert torch.load(ckpt, weights_only=True)["step"] >= state["step"]
+    assert proc.returncode == 2 and "too small" in err and err.count("\n") == 1, err[-2000:]
+    assert torch.load(ckpt, weights_only=True)["step"] == state["step"]
 
 
 def test_a_signal_during_the_attacks_of_a_demo_saves_and_exits_3(tmp_path):
