@@ -206,10 +206,11 @@ def _device(name):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .resume import EXIT_NOT_FINISHED, Budget, StopRequested, handle_signals
+    from .resume import EXIT_NOT_FINISHED, Budget, StopRequested, handle_signals, process_age
 
-    # The budget counts from here: imports and data loading are part of it.
-    budget = Budget(getattr(args, "time_budget", None))
+    # The budget counts from the start of the process: imports and data loading are
+    # part of it.
+    budget = Budget(getattr(args, "time_budget", None), spent=process_age())
     try:
         if args.command in ("demo", "reproduce", "train"):
             with handle_signals(budget):

@@ -83,6 +83,8 @@ class Budget:
             chosen place, for tests).
         sync: called before the clock is read at the end of a chunk
             (``torch.cuda.synchronize`` on CUDA).
+        spent: seconds of the budget already used when the budget is made (the command
+            line passes :func:`process_age`: the interpreter's start and the imports).
     """
 
     def __init__(self, seconds: float | None = None, *, clock: Callable[[], float] = time.monotonic,
@@ -90,7 +92,7 @@ class Budget:
                  chunk_seconds: float = 20.0, max_chunk: int | None = None,
                  stop_after: int | None = None,
                  stop_if: Callable[[str, list], bool] | None = None,
-                 sync: Callable[[], None] | None = None) -> None:
+                 sync: Callable[[], None] | None = None, spent: float = 0.0) -> None:
         if seconds is not None and not (isinstance(seconds, (int, float))
                                         and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a finite number > 0 or None, got {seconds!r}")
@@ -104,7 +106,7 @@ class Budget:
             raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
         self.seconds = None if seconds is None else float(seconds)
         self.clock = clock
-        self.started = clock()
+        self.started = clock() - max(0.0, float(spent))
         if reserve is None:
             reserve = 0.0 if seconds is None else min(30.0, max(3.0, 0.02 * seconds))
         self.reserve = float(reserve)
@@ -253,6 +255,20 @@ class Budget:
             yield
         finally:
             self._abandon -= 1
+
+
+def process_age() -> float:
+    """Seconds since this process started, from /proc on Linux (0 where unknown): a
+    time budget also covers the interpreter's start and the imports before it is made."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+    return age if 0.0 <= age < 86400.0 else 0.0
 
 
 @contextlib.contextmanager

@@ -18,8 +18,8 @@ from rce_fast.data import load_digits_split
 from rce_fast.detect import KDensityDetector
 from rce_fast.resume import (Budget, BudgetTooSmall, ResumeMismatch, StopRequested,
                              WorkControl, atomic_torch_save, atomic_write_text, check_output_file,
-                             check_output_folder, handle_signals, pack_like, settings_diff,
-                             unpack_like)
+                             check_output_folder, handle_signals, pack_like, process_age,
+                             settings_diff, unpack_like)
 from rce_fast.train import TrainConfig, load_classifier, train
 
 from .helpers import digits_mlp, digits_tensors
@@ -146,6 +146,14 @@ def test_signals_stop_at_the_next_safe_point_or_abandon_an_indivisible_unit():
         time.sleep(0.05)  # the handler runs between bytecodes of the main thread
         assert b.interrupted and b.signal == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_budget_counts_the_start_up_of_the_process():
+    age = process_age()
+    assert 0.0 < age < 86400.0  # this process started before the test
+    clock = FakeClock()
+    b = Budget(60.0, clock=clock, spent=4.5)
+    assert b.elapsed() == 4.5 and b.left() == 55.5
 
 
 def test_budget_argument_checks():
