@@ -70,9 +70,10 @@ class Budget:
             budget then only relays signals and the ``stop_after`` hook).
         clock: a function returning seconds (default ``time.monotonic``); tests pass a
             fake one.
-        reserve: seconds kept free at the end for the final save and exit (default 2%
-            of ``seconds``, at least 3 and at most 30), to which the slowest state
-            save seen is added.
+        reserve: seconds kept free at the end for the final save and the exit (default
+            3% of ``seconds``, at least 5 and at most 30: a Python process with torch
+            loaded takes a second or more to exit on a busy machine), to which twice
+            the slowest state save seen is added.
         safety: the measured time per step is multiplied by this before a chunk is
             judged to fit (steps get slower, for instance when a GPU throttles).
         chunk_seconds: target duration of one chunk (how often the clock is read).
@@ -108,7 +109,7 @@ class Budget:
         self.clock = clock
         self.started = clock() - max(0.0, float(spent))
         if reserve is None:
-            reserve = 0.0 if seconds is None else min(30.0, max(3.0, 0.02 * seconds))
+            reserve = 0.0 if seconds is None else min(30.0, max(5.0, 0.03 * seconds))
         self.reserve = float(reserve)
         self.safety, self.chunk_seconds = float(safety), float(chunk_seconds)
         self.max_chunk, self.stop_after, self.sync = max_chunk, stop_after, sync
@@ -200,7 +201,9 @@ class Budget:
                 fits = int(self._spare() / (max(rate, 1e-9) * self.safety))
                 if fits < 1:
                     return self._out_of_time(kind, rate * self.safety)
-                n = min(n, fits)
+                # Plan at most half of what is left per chunk: the last chunks shrink, so
+                # a machine that slows down late (a busy neighbour) is noticed in time.
+                n = min(n, max(1, fits // 2))
         self.grants.append((kind, n))
         self._open = (kind, n, self.clock())
         return n

@@ -262,7 +262,8 @@ def test_a_folder_with_another_run_is_refused_unless_forced_or_restarted(tiny_ru
         run_experiment(_tiny_cfg(out), log=lambda s: None, restart=True,
                        budget=Budget(stop_after=0))
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert left == ["notes.txt", "state.json"]
+    assert left == ["ce.pt", "notes.txt", "state.json"]  # ce.pt: the stop's checkpoint
+    assert torch.load(out / "ce.pt", weights_only=True)["step"] == 0
     state = json.loads((out / "state.json").read_text())
     assert state["units"] == {} and state["settings"]["cw_steps"] == 30
 

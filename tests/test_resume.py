@@ -67,8 +67,11 @@ def test_budget_probes_then_sizes_chunks_from_the_measured_rate():
     assert b.grant("step", 1000) == 40
     clock.now += 40 * 0.5
     b.done(steps=40)
-    clock.now = 1000.0 + 85.0                   # 15 s left, 5 s spare: 8 steps fit
-    assert b.grant("step", 1000) == 8
+    clock.now = 1000.0 + 85.0                   # 15 s left, 5 s spare: 8 steps fit,
+    assert b.grant("step", 1000) == 4           # half of them planned
+    b.done(0)
+    clock.now = 1000.0 + 89.2                   # 0.8 s spare: 1 step fits
+    assert b.grant("step", 1000) == 1
     b.done(0)
     clock.now = 1000.0 + 89.5                   # 0.5 s spare: not one step (0.625 s)
     assert b.grant("step", 1000) == 0 and b.stop_reason == "time budget"
@@ -127,6 +130,18 @@ def test_a_chunked_loop_never_overruns_its_budget(step_seconds, jitter):
     assert b.elapsed() <= 120.0 - 4.0
     assert b.elapsed() >= 120.0 - 4.0 - 1.25 * step_seconds * (1 + jitter) * 2 - 1e-9
     assert done > 0
+
+
+def test_a_machine_that_slows_down_late_overruns_by_little():
+    """Steps suddenly three times slower (a busy neighbour) in the last minute: the
+    halving chunks notice it, and the stop comes at most a few steps late."""
+    clock = FakeClock()
+    b = Budget(300.0, clock=clock, reserve=6.0, chunk_seconds=60.0)
+    while (n := b.grant("step", 10**9)):
+        for _ in range(n):
+            clock.now += 0.1 if b.elapsed() < 240 else 0.3
+        b.done()
+    assert b.elapsed() <= 300.0 - 6.0 + 3 * 0.3
 
 
 def test_signals_stop_at_the_next_safe_point_or_abandon_an_indivisible_unit():
