@@ -42,6 +42,36 @@ def _eps(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+RESUME_EPILOG = (
+    "Stopping and resuming: with --time-budget SECONDS the run stops on its own before "
+    "the budget runs out, at a safe point (after a training checkpoint, between attacks, "
+    "or inside C&W between chunks of iterations), saves its state and exits with status "
+    "3 and the line 'not finished, run the same command again'. SIGTERM and SIGINT "
+    "(Ctrl-C) stop it the same way. Running the same command again continues it; the "
+    "results are those of an uninterrupted run. A re-run with other settings is refused, "
+    "listing them, unless --force-resume (continue with the new settings; finished parts "
+    "stay as they are) or --restart (start over) is given.")
+
+
+def _add_resume_options(parser, what: str) -> None:
+    parser.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                        help="stop cleanly before this many seconds have passed (exit "
+                             "status 3); the same command continues the run")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--force-resume", action="store_true",
+                   help=f"continue the {what} in --out even if it was started with other "
+                        "settings")
+    g.add_argument("--restart", action="store_true",
+                   help=f"discard the {what} in --out and start over")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rce-fast",
@@ -52,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="end-to-end demo on the embedded digits data (CPU: minutes)",
                        description="Train a CE and an RCE ResNet-8 on scikit-learn's digits, run "
                                    "every attack on test images, fit the K-density detector, "
-                                   "and write report.md, results.json and PNG plots.")
-    d.add_argument("--out", default="rce_fast_demo", help="output folder (default: %(default)s)")
+                                   "and write report.md, results.json and PNG plots.",
+                       epilog=RESUME_EPILOG)
+    d.add_argument("--out", default="rce_fast_demo",
+                   help="output and state folder (default: %(default)s)")
     d.add_argument("--steps", type=_positive_int, default=None,
                    help="training steps per model (default: 4000)")
     d.add_argument("--n-attack", type=_positive_int, default=None,
@@ -62,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "available, else cpu)")
     d.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_resume_options(d, "run")
 
     r = sub.add_parser("reproduce", help="the paper's experiment on real MNIST or CIFAR-10",
                        description="The same pipeline with the paper's settings by default: "
                                    "ResNet-32, 20,000 (MNIST) / 90,000 (CIFAR-10) steps, 1000 "
-                                   "attacked images, 9 x 10,000 C&W steps, two-stage C&W-wb.")
+                                   "attacked images, 9 x 10,000 C&W steps, two-stage C&W-wb.",
+                       epilog=RESUME_EPILOG)
     r.add_argument("--dataset", required=True, choices=["mnist", "cifar10"], help=DATASET_HELP)
     r.add_argument("--data-dir", required=True, help="folder holding the dataset files")
     r.add_argument("--model", default="resnet32", choices=["resnet8", "resnet32", "resnet56"],
@@ -90,16 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "--wb-steps is given, else 3)")
     r.add_argument("--jsma-iterations", type=_positive_int, default=None,
                    help="JSMA iteration cap (default: 100, as the release)")
-    r.add_argument("--out", default=None, help="output folder (default: rce_fast_DATASET)")
+    r.add_argument("--out", default=None,
+                   help="output and state folder (default: rce_fast_DATASET); carry it "
+                        "between sessions to continue a run")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     r.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_resume_options(r, "run")
 
     t = sub.add_parser("train", help="train one CE or RCE model and save a checkpoint",
                        description="Train with the paper's optimiser (SGD momentum 0.9, batch "
                                    "128, weight decay 2e-4 on conv/FC weights) and its piecewise "
                                    "schedule scaled to --steps. Re-running with the same "
-                                   "--out resumes exactly. Runs under torchrun for DDP.")
+                                   "--out resumes exactly. Runs under torchrun for DDP.",
+                       epilog=RESUME_EPILOG)
     t.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "npz"],
                    help=DATASET_HELP)
     t.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
@@ -115,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_resume_options(t, "training")
 
     a = sub.add_parser("attack", help="attack test images with a trained checkpoint",
                        description="Craft adversarial examples and save them with their "
@@ -175,32 +214,51 @@ def _device(name):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .resume import EXIT_NOT_FINISHED, Budget, StopRequested, handle_signals, process_age
+
+    # The budget counts from the start of the process: imports and data loading are
+    # part of it.
+    budget = Budget(getattr(args, "time_budget", None), spent=process_age())
     try:
         if args.command in _cli_detect.COMMANDS:
             return _cli_detect.run(args)
-        return _run(args)
-    except (FileNotFoundError, ValueError) as exc:
+        if args.command in ("demo", "reproduce", "train"):
+            with handle_signals(budget):
+                return _run(args, budget)
+        return _run(args, budget)
+    except StopRequested as exc:
+        where = args.out if args.command != "reproduce" else (
+            args.out or f"rce_fast_{args.dataset}")
+        print(f"rce-fast {args.command}: not finished, run the same command again "
+              f"({exc.reason}; state saved in {where})", file=sys.stderr)
+        return EXIT_NOT_FINISHED
+    except (OSError, ValueError) as exc:
         print(f"rce-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
+def _run(args, budget) -> int:
     import torch
 
     from .data import load_dataset
     from .experiment import ExperimentConfig, run_experiment
+    from .resume import atomic_torch_save, check_output_file, check_output_folder
 
+    resume = dict(budget=budget, force_resume=getattr(args, "force_resume", False),
+                  restart=getattr(args, "restart", False))
     if args.command == "demo":
         over = {k: v for k, v in dict(steps=args.steps, n_attack=args.n_attack).items()
                 if v is not None}
         cfg = ExperimentConfig.demo(out=args.out, device=args.device, seed=args.seed,
                                     progress=not args.quiet, **over)
         _device(args.device)
-        run_experiment(cfg)
+        check_output_folder(args.out, "--out")
+        run_experiment(cfg, **resume)
         print(f"\nreport: {Path(args.out) / 'report.md'}")
         return 0
     if args.command == "reproduce":
         _device(args.device)
+        check_output_folder(args.out or f"rce_fast_{args.dataset}", "--out")
         over = {k: v for k, v in dict(model=args.model, steps=args.steps,
                                       n_attack=args.n_attack, cw_steps=args.cw_steps,
                                       cw_search=args.cw_search, cw_c_init=args.cw_c_init,
@@ -219,11 +277,13 @@ def _run(args) -> int:
             over.update(wb_stage1=s1, wb_stage2=s2)
         cfg = ExperimentConfig.paper(args.dataset, args.data_dir, progress=not args.quiet,
                                      **over)
-        run_experiment(cfg)
+        run_experiment(cfg, **resume)
         print(f"\nreport: {Path(cfg.out) / 'report.md'}")
         return 0
 
     device = _device(args.device)
+    if args.command in ("train", "attack"):  # before any work: fail fast on a bad --out
+        check_output_file(args.out, "--out")
     x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, seed=0)
     if args.command == "train":
         from .train import TrainConfig, evaluate_error, scaled_schedule, train
@@ -234,7 +294,9 @@ def _run(args) -> int:
                           amp=args.amp, seed=args.seed, checkpoint=args.out,
                           checkpoint_every=max(100, args.steps // 20),
                           progress=not args.quiet)
-        model, _ = train(cfg, x_tr, y_tr, device, int(y_tr.max()) + 1)
+        model, _ = train(cfg, x_tr, y_tr, device, int(y_tr.max()) + 1,
+                         resume=not args.restart, force_resume=args.force_resume,
+                         budget=budget)
         import os
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
             print(f"test error {evaluate_error(model, x_te, y_te):.2f}%  checkpoint "
@@ -260,10 +322,10 @@ def _run(args) -> int:
                 "cw-hc": lambda: A.cw_l2(model, x, "random", kappa=10.0, **cw),
                 "rand": lambda: (A.rand_noise(x, args.eps, seed=args.seed), None)}
         adv, info = runs[args.attack]()
-        torch.save({"attack": args.attack, "x_adv": adv.cpu(), "labels": y,
-                    "n": args.n, "info": None if info is None else
-                    {k: v.cpu() if torch.is_tensor(v) else v
-                     for k, v in info.as_dict().items()}}, args.out)
+        atomic_torch_save({"attack": args.attack, "x_adv": adv.cpu(), "labels": y,
+                           "n": args.n, "info": None if info is None else
+                           {k: v.cpu() if torch.is_tensor(v) else v
+                            for k, v in info.as_dict().items()}}, args.out)
         with torch.no_grad():
             wrong = (model.predict(adv).cpu() != y).float().mean().item() * 100
         print(f"{args.attack}: {args.n} examples, {wrong:.1f}% misclassified -> {args.out}")

@@ -9,6 +9,7 @@ grid of example adversarial images.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,11 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import attacks as A
 from .data import load_dataset
 from .detect import KDensityDetector, confidence, non_me, paper_auc
-from .train import TrainConfig, evaluate_error, load_classifier, scaled_schedule, train
+from .resume import (Budget, ResumeMismatch, StopRequested, WorkControl, atomic_torch_save,
+                     atomic_write, atomic_write_text, check_output_folder, normalise,
+                     pack_like, settings_diff, unpack_like)
+from .train import (TrainConfig, data_fingerprint, evaluate_error, load_classifier,
+                    scaled_schedule, train)
 
 ATTACKS = ("FGSM", "BIM", "ILCM", "JSMA", "C&W", "C&W-hc", "C&W-wb")
 METRICS = ("confidence", "non-ME", "K-density")
@@ -104,89 +110,413 @@ def _scores(model, det, x, device):
     return pred, {"confidence": confidence(z), "non-ME": non_me(z), "K-density": kd}
 
 
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
-    """Run the whole pipeline and write the report; returns the results dict."""
+# ------------------------------------------------------------------------ the state folder
+
+#: The run's record in its output folder: settings, finished units, sessions.
+STATE_FILE = "state.json"
+_STATE_FORMAT = "rce_fast-experiment-state/1"
+#: File names of the attacks' results (adversarial/OBJECTIVE_SLUG.pt).
+ATTACK_SLUGS = {"FGSM": "fgsm", "BIM": "bim", "ILCM": "ilcm", "JSMA": "jsma", "C&W": "cw",
+                "C&W-hc": "cw-hc", "C&W-wb": "cw-wb"}
+#: ExperimentConfig fields that do not change the results (not compared on resume;
+#: data_dir is replaced by a fingerprint of the data, so the folder may move).
+_NOT_SETTINGS = ("out", "device", "progress", "data_dir")
+#: A C&W attack under way saves its whole state at least this often (seconds), so a
+#: SIGKILL loses little.
+AUTOSAVE_SECONDS = 300.0
+_PLOTS = ("roc.png", "kd_hist.png", "examples.png")
+
+
+def experiment_settings(cfg: ExperimentConfig, data: dict) -> dict:
+    """What a state folder must match to be continued: every setting that changes the
+    results, and the fingerprint of the data."""
+    out = {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+    out["data"] = data
+    return normalise(out)
+
+
+def _owned_files(out: Path) -> list[Path]:
+    """Every file a run writes in its folder (what --restart removes; nothing else)."""
+    names = [STATE_FILE, "report.md", "results.json", *_PLOTS]
+    for obj in ("ce", "rce"):
+        names += [f"{obj}.pt", f"{obj}_detector.pt"]
+        for slug in ATTACK_SLUGS.values():
+            names += [f"adversarial/{obj}_{slug}.pt", f"partial/{obj}_{slug}.pt"]
+    return [out / n for n in names]
+
+
+class _RunState:
+    """``state.json``: the settings, the finished units with what they measured, and
+    one record per session. Rewritten atomically after every unit."""
+
+    def __init__(self, out: Path, settings: dict, log, force: bool, restart: bool) -> None:
+        self.out, self.path = out, out / STATE_FILE
+        if restart:
+            for f in _owned_files(out):
+                f.unlink(missing_ok=True)
+            for d in ("adversarial", "partial"):
+                with contextlib.suppress(OSError):
+                    (out / d).rmdir()
+        self.forced: list[str] = []
+        if self.path.is_file():
+            try:
+                state = json.loads(self.path.read_text())
+                if state.get("format") != _STATE_FORMAT:
+                    raise ValueError(f"format {state.get('format')!r}")
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"{self.path} is not a readable rce_fast run state ({exc}); "
+                                 "use --restart to start over in this folder") from None
+            diffs = settings_diff(state["settings"], settings)
+            if diffs and not force:
+                raise ResumeMismatch(
+                    f"{out} holds a run with other settings ({'; '.join(diffs)}): run the "
+                    "same command to continue it, add --force-resume to continue it with "
+                    "the new settings (finished parts stay as they are), or --restart to "
+                    "start over")
+            if diffs:
+                log(f"continuing {out} with changed settings (--force-resume): "
+                    + "; ".join(diffs))
+                state.setdefault("forced_resumes", []).append(diffs)
+                state["settings"] = settings
+                self.forced = diffs
+            self.state = state
+        else:
+            self.state = {"format": _STATE_FORMAT, "settings": settings, "units": {},
+                          "sessions": []}
+        self.save()
+
+    @property
+    def units(self) -> dict:
+        return self.state["units"]
+
+    def record(self, key: str, value: dict) -> None:
+        self.units[key] = value
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.state, indent=1))
+
+    @staticmethod
+    def session_record(device, budget: Budget, result: str) -> dict:
+        return {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(
+                    time.time() - budget.elapsed())),
+                "seconds": round(budget.elapsed(), 3), "device": str(device),
+                "device_name": _device_name(device), "torch": torch.__version__,
+                "time_budget": budget.seconds, "result": result}
+
+    def session(self, record: dict) -> None:
+        self.state["sessions"].append(record)
+        self.save()
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ files of the units
+
+def _save_adversarial(path: Path, adv: Tensor, x: Tensor, info, seconds: float) -> None:
+    stored = {}
+    for k, v in (info.as_dict() if info is not None else {}).items():
+        if isinstance(v, Tensor):
+            stored[k] = v.detach().cpu()
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            stored[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"x_adv": pack_like(adv, x), "info": stored, "seconds": seconds}, path)
+
+
+def _load_adversarial(path: Path, x: Tensor) -> tuple[Tensor, dict]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return unpack_like(saved["x_adv"], x), saved["info"]
+
+
+# -------------------------------------------------------------------------- the run
+
+def _stop(budget: Budget):
+    raise StopRequested(budget.stop_reason or "stop requested")
+
+
+def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = None,
+                   force_resume: bool = False, restart: bool = False) -> dict:
+    """Run the whole pipeline and write the report; returns the results dict.
+
+    Resumable: ``cfg.out`` is the state folder. Every finished unit (a trained model, a
+    detector, an attack's adversarial examples) is written there as it finishes, and a
+    second call with the same settings continues where the first one stopped; its
+    results are the same as those of one uninterrupted call (bit for bit on CPU).
+
+    ``budget``: a :class:`rce_fast.resume.Budget` (time budget, signals); when it says
+    stop, the state is saved and :class:`rce_fast.resume.StopRequested` is raised.
+    A folder holding a run with other settings raises
+    :class:`rce_fast.resume.ResumeMismatch` listing them, unless ``force_resume``
+    (finished parts are kept) or ``restart`` (the run's files are removed first).
+    """
+    if force_resume and restart:
+        raise ValueError("force_resume and restart exclude each other")
+    budget = Budget() if budget is None else budget
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if budget.sync is None and device.type == "cuda":
+        budget.sync = lambda: torch.cuda.synchronize(device)
+    out = check_output_folder(cfg.out, "output folder")
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    data = {"train": data_fingerprint(x_tr, y_tr), "test": data_fingerprint(x_te, y_te)}
+    run = _RunState(out, experiment_settings(cfg, data), log, force_resume, restart)
+    previous = {s["device"] for s in run.state["sessions"]}
+    if previous and str(device) not in previous:
+        log(f"note: earlier sessions of this run used {sorted(previous)}, this one "
+            f"{device}: results computed on different devices need not match bit for bit")
+    try:
+        results = _pipeline(cfg, run, budget, device, (x_tr, y_tr, x_te, y_te), log,
+                            force_resume)
+    except StopRequested as exc:
+        run.session(run.session_record(device, budget, f"stopped: {exc.reason}"))
+        log(f"stopped ({exc.reason}) after {budget.elapsed():.0f}s; state saved in {out}")
+        raise
+    except BaseException as exc:
+        run.session(run.session_record(device, budget, f"failed: {type(exc).__name__}"))
+        raise
+    run.session(results["sessions"][-1])  # this session, as the results give it
+    return results
+
+
+def _pipeline(cfg, run: _RunState, budget: Budget, device, data, log, force_resume) -> dict:
+    x_tr, y_tr, x_te, y_te = data
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    n = min(cfg.n_attack, len(x_te))
+    x_att, y_att = x_te[:n], y_te[:n]
+    xa = x_att.to(device)
+    pass_seconds: dict[str, float] = {}
+
+    def passes(objective: str, model, count: float) -> float:
+        """Estimated seconds of ``count`` gradient passes over the attacked images, from
+        one measured pass (once per model and session)."""
+        if objective not in pass_seconds:
+            _sync(device)
+            t = time.perf_counter()
+            xg = xa[:1000].detach().clone().requires_grad_(True)
+            torch.autograd.grad(model(xg).float().logsumexp(1).sum(), xg)
+            _sync(device)
+            pass_seconds[objective] = (time.perf_counter() - t) * len(xa) / len(xg)
+        return count * pass_seconds[objective]
+
+    for objective in ("ce", "rce"):
+        model = _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te,
+                            x_att, num_classes, log, force_resume, passes)
+        det = _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att,
+                             num_classes, passes)
+        runs = _attack_runs(cfg, model, det, num_classes)
+        clean = None
+        for name in ATTACKS:
+            key = f"{objective}/{name}"
+            if key in run.units:
+                continue
+            adv, info, seconds = _attack_unit(cfg, run, budget, device, objective, name,
+                                              runs[name], model, xa, x_att, passes)
+            if clean is None:
+                clean = _scores(model, det, x_att, device)
+            entry, _, _ = _attack_entry(name, adv, info, x_att, y_att, clean, model, det,
+                                        device, seconds, n)
+            aucs = entry["auc"]
+            log(f"[{objective}] {name:7s} {seconds / n * 1e3:8.2f} ms/example  pairs "
+                f"{entry['pairs']:4d}  AUC conf {aucs['confidence']:.3f} non-ME "
+                f"{aucs['non-ME']:.3f} KD {aucs['K-density']:.3f}")
+
+    est = sum(passes(o, _load_model(cfg, run, o, device), 4.0 + 2 * len(ATTACKS))
+              for o in ("ce", "rce")) + 10.0
+    if not budget.allow("report", est):
+        _stop(budget)
+    with budget.abandonable():
+        results = _report(cfg, run, device, (x_tr, y_tr, x_te, y_te), num_classes, log,
+                          run.session_record(device, budget, "finished"))
+    budget.done()
+    return results
+
+
+def _load_model(cfg, run, objective, device):
+    if objective in cfg.checkpoints:
+        return load_classifier(cfg.checkpoints[objective], device)
+    return load_classifier(run.out / f"{objective}.pt", device)
+
+
+def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, x_att,
+                num_classes, log, force_resume, passes):
+    key = f"{objective}/train"
+    if key in run.units:
+        return _load_model(cfg, run, objective, device)
+    if objective in cfg.checkpoints:
+        seconds = 0.0
+        log(f"[{objective}] loaded {cfg.checkpoints[objective]}")
+    else:
+        bounds, values = scaled_schedule(cfg.dataset, cfg.steps)
+        tcfg = TrainConfig(objective=objective, model=cfg.model, steps=cfg.steps,
+                           lr_boundaries=bounds, lr_values=values, seed=cfg.seed,
+                           augment=cfg.dataset == "cifar10", amp=device.type == "cuda",
+                           checkpoint=str(run.out / f"{objective}.pt"),
+                           checkpoint_every=max(100, cfg.steps // 10),
+                           progress=cfg.progress)
+        _, history = train(tcfg, x_tr, y_tr, device, num_classes, budget=budget,
+                           force_resume=force_resume, keep_optimizer=False)
+        seconds = history["seconds"]
+    model = _load_model(cfg, run, objective, device)  # the same path on every run
+    if not budget.allow("test error", passes(objective, model, len(x_te) / len(x_att))):
+        _stop(budget)
+    with budget.abandonable():
+        error = evaluate_error(model, x_te, y_te)
+    budget.done()
+    run.record(key, {"seconds": seconds, "test_error": error})
+    log(f"[{objective}] test error {error:.2f}% (trained in {seconds:.0f}s)")
+    return model
+
+
+def _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att,
+                   num_classes, passes):
+    key = f"{objective}/detector"
+    path = run.out / f"{objective}_detector.pt"
+    if key not in run.units:
+        if not budget.allow("detector", passes(objective, model, 2.0 * len(x_tr) / len(x_att))):
+            _stop(budget)
+        with budget.abandonable():
+            feats = _batched(model.features, x_tr, device)
+            det = KDensityDetector(objective=objective, per_class=cfg.per_class,
+                                   seed=cfg.seed)
+            det.fit(feats.to(device), y_tr.to(device), num_classes)
+            det.class_medians(feats.to(device), y_tr.to(device), cfg.kernel_points)
+            det.save(path)  # atomic; holds the C&W-wb kernel points too
+        budget.done()
+        run.record(key, {"sigma2": det.sigma2})
+    return KDensityDetector.load(path, device)  # the same path on every run
+
+
+def _attack_settings(cfg: ExperimentConfig, name: str, n: int) -> dict:
+    keys = {"C&W": ("cw_steps", "cw_search", "cw_c_init"),
+            "C&W-hc": ("cw_steps", "cw_search", "cw_c_init"),
+            "C&W-wb": ("wb_stage1", "wb_stage2", "kernel_points", "per_class")}[name]
+    return normalise({"attack": name, "n": n, "seed": cfg.seed,
+                      **{k: getattr(cfg, k) for k in keys}})
+
+
+def _jsma_passes(cfg, x) -> float:
+    iterations = int(cfg.jsma_gamma * x[0].numel()) // 2
+    if cfg.jsma_max_iterations is not None:
+        iterations = min(iterations, cfg.jsma_max_iterations)
+    return 2.0 * iterations + 2.0
+
+
+def _attack_unit(cfg, run, budget, device, objective, name, fn, model, xa, x_att, passes):
+    """Run (or continue) one attack and store its result; returns (adv, info, seconds)."""
+    slug = ATTACK_SLUGS[name]
+    path = run.out / "adversarial" / f"{objective}_{slug}.pt"
+    partial = run.out / "partial" / f"{objective}_{slug}.pt"
+    if name.startswith("C&W"):
+        settings = _attack_settings(cfg, name, len(xa))
+        saved, before = None, 0.0
+        if partial.is_file():
+            state = torch.load(partial, map_location="cpu", weights_only=True)
+            if state.get("settings") == settings:
+                saved, before = state["state"], float(state["seconds"])
+            else:
+                partial.unlink()
+        _sync(device)
+        t0 = time.perf_counter()
+
+        def save(state: dict) -> None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"settings": settings, "state": state,
+                               "seconds": before + time.perf_counter() - t0}, partial)
+
+        control = WorkControl(budget, save, saved, autosave_seconds=AUTOSAVE_SECONDS)
+        adv, info = fn(xa, control=control)
+        _sync(device)
+        seconds = before + time.perf_counter() - t0
+    else:
+        estimate = {"FGSM": 3.0, "BIM": 12.0, "ILCM": 12.0,
+                    "JSMA": _jsma_passes(cfg, x_att)}[name]
+        if not budget.allow(f"attack {name}", passes(objective, model, estimate)):
+            _stop(budget)
+        with budget.abandonable():
+            _sync(device)
+            t0 = time.perf_counter()
+            adv, info = fn(xa)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        budget.done()
+    adv = adv.cpu()
+    _save_adversarial(path, adv, x_att, info, seconds)
+    run.record(f"{objective}/{name}", {"seconds": seconds})
+    partial.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only if empty
+        partial.parent.rmdir()
+    adv, info = _load_adversarial(path, x_att)  # the same path on every run
+    return adv, info, seconds
+
+
+def _attack_entry(name, adv, info: dict, x_att, y_att, clean, model, det, device, seconds, n):
+    clean_pred, clean_scores = clean
+    adv_pred, adv_scores = _scores(model, det, adv, device)
+    aucs = paper_auc(clean_scores, adv_scores, y_att, clean_pred, adv_pred,
+                     standard_errors=True)
+    entry = {"seconds_per_example": seconds / n, "pairs": aucs.pop("n"),
+             "auc_se": aucs.pop("se"), "auc": aucs,
+             "misclassified": float((adv_pred != y_att).float().mean()),
+             "mean_l2": float((adv - x_att).flatten(1).norm(dim=1).mean())}
+    if name == "C&W-wb":
+        entry["f2_positive_ratio"] = float(info["f2_positive_ratio"])
+        ok = info["classified_as_target"].cpu()
+        entry["classified_as_target"] = float(ok.float().mean())
+        entry["distortion_l2"] = float(info["l2"].cpu()[ok].mean()) if ok.any() else None
+    return entry, adv_pred, adv_scores
+
+
+def _report(cfg, run, device, data, num_classes, log, session: dict) -> dict:
+    """Results, plots and report from the files of the finished units."""
+    out = run.out
+    x_tr, y_tr, x_te, y_te = data
     n = min(cfg.n_attack, len(x_te))
     x_att, y_att = x_te[:n], y_te[:n]
     results = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__,
                "data": {"dataset": cfg.dataset, "train": len(x_tr), "test": len(x_te),
                         "attacked": n, "shape": list(x_tr.shape[1:])},
-               "models": {}}
-    bounds, values = scaled_schedule(cfg.dataset, cfg.steps)
+               "models": {}, "sessions": run.state["sessions"] + [session]}
+    if run.state.get("forced_resumes"):
+        results["forced_resumes"] = run.state["forced_resumes"]
     plots = {"hist": {}, "roc": {}, "examples": {}}
     for objective in ("ce", "rce"):
-        t0 = time.perf_counter()
-        if objective in cfg.checkpoints:
-            model = load_classifier(cfg.checkpoints[objective], device)
-            log(f"[{objective}] loaded {cfg.checkpoints[objective]}")
-        else:
-            tcfg = TrainConfig(objective=objective, model=cfg.model, steps=cfg.steps,
-                               lr_boundaries=bounds, lr_values=values, seed=cfg.seed,
-                               augment=cfg.dataset == "cifar10", amp=device.type == "cuda",
-                               checkpoint=str(out / f"{objective}.pt"),
-                               checkpoint_every=max(100, cfg.steps // 10),
-                               progress=cfg.progress)
-            model, _ = train(tcfg, x_tr, y_tr, device, num_classes)
-        train_s = time.perf_counter() - t0
-        error = evaluate_error(model, x_te, y_te)
-        log(f"[{objective}] test error {error:.2f}% (trained in {train_s:.0f}s)")
-        feats = _batched(model.features, x_tr, device)
-        det = KDensityDetector(objective=objective, per_class=cfg.per_class, seed=cfg.seed)
-        det.fit(feats.to(device), y_tr.to(device), num_classes)
-        det.class_medians(feats.to(device), y_tr.to(device), cfg.kernel_points)
-        det.save(out / f"{objective}_detector.pt")
+        model = _load_model(cfg, run, objective, device)
+        det = KDensityDetector.load(out / f"{objective}_detector.pt", device)
+        trained = run.units[f"{objective}/train"]
         clean_pred, clean_scores = _scores(model, det, x_att, device)
-        res = {"test_error": error, "train_seconds": train_s, "attacks": {},
-               "sigma2": det.sigma2}
-        xa = x_att.to(device)
-        runs = _attack_runs(cfg, model, det, num_classes)
+        res = {"test_error": trained["test_error"], "train_seconds": trained["seconds"],
+               "attacks": {}, "sigma2": det.sigma2}
         hist = {"normal": clean_scores["K-density"].numpy()}
-        noisy = A.rand_noise(xa, cfg.rand_eps, seed=cfg.seed)
+        noisy = A.rand_noise(x_att.to(device), cfg.rand_eps, seed=cfg.seed)
         noisy_pred, noisy_scores = _scores(model, det, noisy.cpu(), device)
         hist["noisy (RAND)"] = noisy_scores["K-density"].numpy()
         res["rand"] = {"eps": cfg.rand_eps,
                        "error": float((noisy_pred != y_att).float().mean() * 100)}
         roc = {}
         examples = {"clean": x_att[:6]}
-        for name, fn in runs.items():
-            (adv, info), seconds = _timed(lambda: fn(xa))
-            adv = adv.cpu()
-            adv_pred, adv_scores = _scores(model, det, adv, device)
-            aucs = paper_auc(clean_scores, adv_scores, y_att, clean_pred, adv_pred,
-                             standard_errors=True)
-            entry = {"seconds_per_example": seconds / n, "pairs": aucs.pop("n"),
-                     "auc_se": aucs.pop("se"), "auc": aucs,
-                     "misclassified": float((adv_pred != y_att).float().mean()),
-                     "mean_l2": float((adv - x_att).flatten(1).norm(dim=1).mean())}
-            if name == "C&W-wb":
-                entry["f2_positive_ratio"] = info.f2_positive_ratio
-                ok = info.classified_as_target.cpu()
-                entry["classified_as_target"] = float(ok.float().mean())
-                entry["distortion_l2"] = float(info.l2.cpu()[ok].mean()) if ok.any() else None
+        for name in ATTACKS:
+            adv, info = _load_adversarial(
+                out / "adversarial" / f"{objective}_{ATTACK_SLUGS[name]}.pt", x_att)
+            seconds = run.units[f"{objective}/{name}"]["seconds"]
+            entry, adv_pred, adv_scores = _attack_entry(
+                name, adv, info, x_att, y_att, (clean_pred, clean_scores), model, det,
+                device, seconds, n)
             res["attacks"][name] = entry
             keep = (clean_pred == y_att) & (adv_pred != y_att)
             hist[name] = adv_scores["K-density"][keep].numpy()
             roc[name] = (clean_scores["K-density"][keep].numpy(),
                          adv_scores["K-density"][keep].numpy())
             examples[name] = adv[:6]
-            log(f"[{objective}] {name:7s} {seconds / n * 1e3:8.2f} ms/example  pairs "
-                f"{entry['pairs']:4d}  AUC conf {aucs['confidence']:.3f} non-ME "
-                f"{aucs['non-ME']:.3f} KD {aucs['K-density']:.3f}")
         results["models"][objective] = res
         plots["hist"][objective], plots["roc"][objective] = hist, roc
         plots["examples"][objective] = examples
@@ -195,8 +525,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         for name, (v, gap, noise) in compare_kd(results["models"]).items()}
     _write_plots(out, plots)
     report = render_report(results)
-    (out / "report.md").write_text(report)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=2, allow_nan=False))
+    atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "results.json",
+                      json.dumps(_clean(results), indent=2, allow_nan=False))
     log(report)
     return results
 
@@ -224,11 +555,12 @@ def _attack_runs(cfg: ExperimentConfig, model, det, num_classes):
         "ILCM": lambda x: A.ilcm(model, x, cfg.eps, **info),
         "JSMA": lambda x: A.jsma(model, x, "least_likely", gamma=cfg.jsma_gamma,
                                  max_iterations=cfg.jsma_max_iterations, **info),
-        "C&W": lambda x: A.cw_l2(model, x, "random", **cw),
-        "C&W-hc": lambda x: A.cw_l2(model, x, "random", kappa=10.0, **cw),
-        "C&W-wb": lambda x: A.cw_wb(model, x, "random", det, kappa=5.0, stage1=cfg.wb_stage1,
-                                    stage2=cfg.wb_stage2, seed=cfg.seed,
-                                    progress=cfg.progress, **info),
+        "C&W": lambda x, control=None: A.cw_l2(model, x, "random", control=control, **cw),
+        "C&W-hc": lambda x, control=None: A.cw_l2(model, x, "random", kappa=10.0,
+                                                  control=control, **cw),
+        "C&W-wb": lambda x, control=None: A.cw_wb(
+            model, x, "random", det, kappa=5.0, stage1=cfg.wb_stage1, stage2=cfg.wb_stage2,
+            seed=cfg.seed, progress=cfg.progress, control=control, **info),
     }
 
 
@@ -378,7 +710,7 @@ def _write_plots(out: Path, plots: dict) -> None:
                ylabel="true positive rate")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
+    atomic_write(out / "roc.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -391,7 +723,7 @@ def _write_plots(out: Path, plots: dict) -> None:
                ylabel="images")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "kd_hist.png", dpi=110)
+    atomic_write(out / "kd_hist.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
     ex = plots["examples"]["rce"]
@@ -410,5 +742,5 @@ def _write_plots(out: Path, plots: dict) -> None:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle("RCE model: clean and adversarial examples", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "examples.png", dpi=110)
+    atomic_write(out / "examples.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -9,18 +9,22 @@ same global batch of 128).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import _torch_impl
 from .data import augment_cifar
 from .loss import rce_loss
 from .models import Classifier, build_model
+from .resume import (ResumeMismatch, StopRequested, atomic_torch_save, check_output_file,
+                     settings_diff)
 
 #: The paper's schedules: (boundaries in steps, learning rates).
 PAPER_SCHEDULES = {
@@ -83,22 +87,30 @@ def _param_groups(net: torch.nn.Module, weight_decay: float):
 
 
 class _Sampler:
-    """Seeded epochs of random permutations; its state is part of the checkpoint."""
+    """Seeded epochs of random permutations; its state is part of the checkpoint.
 
-    def __init__(self, n: int, seed: int) -> None:
+    Each epoch's permutation is generated on the CPU (so the order does not depend on
+    the device) and copied to ``device`` once per epoch: the indices of a batch are
+    then sliced on the device, with no host-to-device copy (and no stream sync) per
+    step."""
+
+    def __init__(self, n: int, seed: int, device=None) -> None:
         self.n, self.g = n, torch.Generator().manual_seed(seed)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.perm, self.pos = torch.randperm(n, generator=self.g), 0
+        self._on_device = self.perm.to(self.device)
 
     def next(self, batch: int) -> torch.Tensor:
         out = []
         while batch:
             if self.pos == self.n:
                 self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
+                self._on_device = self.perm.to(self.device)
             take = min(batch, self.n - self.pos)
-            out.append(self.perm[self.pos:self.pos + take])
+            out.append(self._on_device[self.pos:self.pos + take])
             self.pos += take
             batch -= take
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def state(self) -> dict:
         return {"g": self.g.get_state(), "perm": self.perm, "pos": self.pos}
@@ -106,6 +118,7 @@ class _Sampler:
     def load(self, state: dict) -> None:
         self.g.set_state(state["g"])
         self.perm, self.pos = state["perm"], state["pos"]
+        self._on_device = self.perm.to(self.device)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -118,18 +131,101 @@ def _distributed() -> tuple[int, int, int]:
     return world, rank, local
 
 
+#: TrainConfig fields that do not change what is computed (not compared on resume).
+_NOT_RESULTS = ("checkpoint", "checkpoint_every", "progress")
+
+
+def training_settings(config: TrainConfig, in_channels: int, num_classes: int,
+                      data: dict | None = None) -> dict:
+    """The settings a checkpoint must match to be continued: every TrainConfig field
+    that changes the result, the input channels and classes, and the training data's
+    fingerprint (:func:`data_fingerprint`)."""
+    out = {k: v for k, v in asdict(config).items() if k not in _NOT_RESULTS}
+    out.update(in_channels=int(in_channels), num_classes=int(num_classes))
+    if data is not None:
+        out["data"] = data
+    return out
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> dict:
+    """Shapes, dtypes and a BLAKE2 hash of the bytes of ``tensors``: which data a run
+    used, independent of where the files lie."""
+    h = hashlib.blake2b(digest_size=16)
+    shapes = []
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        shapes.append([str(t.dtype).replace("torch.", "")] + list(t.shape))
+        h.update(repr(shapes[-1]).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return {"shapes": shapes, "blake2b": h.hexdigest()}
+
+
+def _check_resume(path: Path, state: dict, current: dict, force: bool) -> list[str]:
+    """The differing settings (a ResumeMismatch unless ``force``; architecture
+    differences refuse even then, since the weights cannot be loaded)."""
+    saved = {k: v for k, v in state["config"].items() if k not in _NOT_RESULTS}
+    saved.update(in_channels=state["in_channels"], num_classes=state["num_classes"])
+    if state.get("data") is not None:
+        saved["data"] = state["data"]
+    if "data" not in saved:  # a checkpoint from before fingerprints: not compared
+        current = {k: v for k, v in current.items() if k != "data"}
+    diffs = settings_diff(saved, current)
+    if not diffs:
+        return []
+    hard = [d for d in diffs if d.split(":")[0] in ("model", "in_channels", "num_classes")]
+    if hard and force:
+        raise ResumeMismatch(f"checkpoint {path} cannot be continued with these settings, "
+                             f"its weights do not fit the network ({'; '.join(hard)}): "
+                             "use --restart (API: resume=False) or another --out")
+    if not force:
+        raise ResumeMismatch(f"checkpoint {path} was written with other settings "
+                             f"({'; '.join(diffs)}): run with the same settings to continue "
+                             "it, --force-resume to continue it anyway, or --restart to "
+                             "start over (API: force_resume=True / resume=False)")
+    return diffs
+
+
+def _agree(n: int, interrupted: bool, world: int, device: torch.device) -> tuple[int, bool]:
+    """Under DDP every rank must run the same steps: rank 0's grant, and a stop if any
+    rank was signalled (two tiny collectives per chunk, never per step)."""
+    if world == 1:
+        return n, interrupted
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([n, int(interrupted)], dtype=torch.int64, device=where)
+    flag = t[1:].clone()
+    dist.broadcast(t, 0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(t[0]), bool(flag[0])
+
+
 def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
           device: str | torch.device | None = None, num_classes: int | None = None,
-          resume: bool = True) -> tuple[Classifier, dict]:
+          resume: bool = True, *, force_resume: bool = False, budget=None,
+          keep_optimizer: bool = True) -> tuple[Classifier, dict]:
     """Train a model from ``config`` on (x_train, y_train); returns (Classifier, history).
 
     If ``config.checkpoint`` exists and ``resume`` is true, training continues from it
-    exactly. Under torchrun every rank runs this same call.
+    exactly, after checking that it was written with the same settings (every
+    TrainConfig field that changes the result, the input shape and classes, and a
+    fingerprint of the training data): a difference raises
+    :class:`rce_fast.resume.ResumeMismatch` listing them, unless ``force_resume``.
+    ``resume=False`` starts over (the checkpoint is replaced at the first save).
+
+    ``budget``: a :class:`rce_fast.resume.Budget` for a time-boxed run: steps run in
+    chunks it grants; when it refuses (time, SIGTERM/SIGINT) a checkpoint is written at
+    the current step and :class:`rce_fast.resume.StopRequested` is raised. Needs
+    ``config.checkpoint``. ``keep_optimizer=False``: the final checkpoint holds the
+    model only (no optimizer or sampler state: it cannot be trained further, but it is
+    half the size). Under torchrun every rank runs this same call.
     """
     world, rank, local = _distributed()
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda":
+        # Make the rank's GPU the current one: kernels launched outside a device guard
+        # (and NCCL) use the current device, which is cuda:0 on every rank otherwise.
+        torch.cuda.set_device(device)
     if x_train.dim() != 4 or len(x_train) != len(y_train) or len(x_train) == 0:
         raise ValueError(f"x_train must be (N, C, H, W) with matching y_train; got "
                          f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
@@ -137,73 +233,159 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                          f"{world} processes")
+    ckpt = Path(config.checkpoint) if config.checkpoint else None
+    if budget is not None and ckpt is None:
+        raise ValueError("a time budget needs config.checkpoint (where to save on a stop)")
+    if ckpt is not None and rank == 0:
+        check_output_file(ckpt, "checkpoint")
+    settings = training_settings(config, x_train.shape[1], num_classes,
+                                 data_fingerprint(x_train, y_train) if ckpt else None)
     torch.manual_seed(config.seed)
     net = build_model(config.model, x_train.shape[1], num_classes).to(device)
     opt = torch.optim.SGD(_param_groups(net, config.weight_decay), lr=config.lr_at(0),
                           momentum=config.momentum)
-    sampler = _Sampler(len(x_train), config.seed)
+    sampler = _Sampler(len(x_train), config.seed, device)
     aug_g = torch.Generator().manual_seed(config.seed + 1)
     history = {"step": [], "loss": [], "lr": [], "config": asdict(config)}
-    start = 0
-    ckpt = Path(config.checkpoint) if config.checkpoint else None
+    start, seconds_before = 0, 0.0
     if ckpt is not None and resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = _load_checkpoint(ckpt)
+        forced = _check_resume(ckpt, state, settings, force_resume)
         net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.load(state["sampler"])
-        aug_g.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
         history, start = state["history"], state["step"]
+        seconds_before = float(state.get("seconds", 0.0))
+        if forced:
+            history.setdefault("forced_resumes", []).append({"at_step": start,
+                                                             "differences": forced})
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            sampler.load(state["sampler"])
+            aug_g.set_state(state["aug_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        elif start < config.steps:
+            raise ResumeMismatch(f"checkpoint {ckpt} is a finished model without optimizer "
+                                 f"state (step {start}); it cannot be trained further: use "
+                                 "--restart or another --out")
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = config.amp and device.type == "cuda"
+    # The data go to the device once, so that a step copies nothing from the host.
+    x_dev, y_dev = x_train.to(device), y_train.to(device)
     model.train()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
-               disable=not config.progress or rank != 0, desc=f"train {config.objective}")
+    # The bar appears once the first chunk is granted: a budget too small to start gives
+    # its one-line error with no bar drawn above it.
+    bar = tqdm(total=config.steps, initial=start, disable=not config.progress or rank != 0,
+               desc=f"train {config.objective}", delay=3600.0 if budget is not None else 0.0)
     per_rank = config.batch_size // world
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = config.lr_at(step)
-        idx = sampler.next(config.batch_size)[rank * per_rank:(rank + 1) * per_rank]
-        xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-        if config.augment:
-            xb = augment_cifar(xb, aug_g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(xb)
-        if config.objective == "rce":
-            loss = rce_loss(logits.float(), yb, temperature=config.temperature)
-        else:
-            loss = F.cross_entropy(logits.float(), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == config.steps - 1:
-            value = float(loss.detach())
-            history["step"].append(step)
-            history["loss"].append(value)
-            history["lr"].append(config.lr_at(step))
-            bar.set_postfix(loss=f"{value:.4f}", lr=config.lr_at(step))
-        done = step + 1
-        if ckpt is not None and rank == 0 and (done % config.checkpoint_every == 0
-                                               or done == config.steps):
-            save_checkpoint(ckpt, net, opt, sampler, aug_g, history, done, config,
-                            x_train.shape[1], num_classes)
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    t_start = time.perf_counter()
+
+    def flush() -> None:
+        # The losses logged every 50 steps stay on the device until here (one sync).
+        if pending:
+            values = torch.stack([v for _, v, _ in pending]).tolist()
+            for (s, _, lr), value in zip(pending, values):
+                history["step"].append(s)
+                history["loss"].append(value)
+                history["lr"].append(lr)
+            bar.set_postfix(loss=f"{values[-1]:.4f}", lr=pending[-1][2])
+            pending.clear()
+
+    def save(step: int, final: bool) -> None:
+        flush()
+        if ckpt is not None and rank == 0:
+            seconds = seconds_before + time.perf_counter() - t_start
+            save_checkpoint(ckpt, net, None if final and not keep_optimizer else opt,
+                            sampler, aug_g, history, step, config, x_train.shape[1],
+                            num_classes, data=settings.get("data"), seconds=seconds)
+
+    kind = f"train {config.model} batch {config.batch_size}"
+    step = start
+    try:
+        while step < config.steps:
+            n = config.steps - step
+            if budget is not None:
+                n = budget.grant(kind, n) if rank == 0 else n
+                n, stop = _agree(n, budget.interrupted, world, device)
+                if n == 0 or stop:
+                    save(step, False)
+                    raise StopRequested(budget.stop_reason or "stop requested")
+            if bar.delay:
+                bar.delay = 0.0
+                bar.refresh()
+            ran = 0
+            for _ in range(n):
+                if budget is not None and world == 1 and budget.interrupted:
+                    break
+                lr = config.lr_at(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = sampler.next(config.batch_size)[rank * per_rank:(rank + 1) * per_rank]
+                xb, yb = x_dev[idx], y_dev[idx]
+                if config.augment:
+                    xb = augment_cifar(xb, aug_g)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(xb)
+                if config.objective == "rce":
+                    loss = rce_loss(logits.float(), yb, temperature=config.temperature)
+                else:
+                    loss = _torch_impl.cross_entropy(logits.float(), yb)  # no CPU exp slow path
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step % 50 == 0 or step == config.steps - 1:
+                    pending.append((step, loss.detach(), lr))
+                step += 1
+                ran += 1
+                bar.update(1)
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    save(step, step == config.steps)
+            flush()  # one sync per chunk: the bar shows the latest logged loss
+            if budget is not None:
+                if rank == 0:
+                    budget.done(ran)
+                if world == 1 and budget.interrupted and step < config.steps:
+                    save(step, False)
+                    raise StopRequested(budget.stop_reason or "stop requested")
+        flush()
+    finally:
+        bar.close()
+    history["seconds"] = seconds_before + time.perf_counter() - t_start
     return Classifier(net, config.objective).eval(), history
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict, on the CPU: the RNG states must stay CPU tensors (and
+    load_state_dict moves weights and optimizer state to the parameters' device)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear error
+        raise ValueError(f"checkpoint {path} cannot be read as an rce_fast checkpoint "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not {"model", "config", "step", "in_channels",
+                                           "num_classes"} <= set(state):
+        raise ValueError(f"checkpoint {path} is not an rce_fast training checkpoint "
+                         "(expected the dict written by rce_fast.train)")
+    return state
+
+
 def save_checkpoint(path, net, opt, sampler, aug_g, history, step, config, in_channels,
-                    num_classes) -> None:
+                    num_classes, data: dict | None = None, seconds: float = 0.0) -> None:
+    """Write a checkpoint atomically. ``opt=None`` writes a finished model only (no
+    optimizer, sampler or RNG state)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                "sampler": sampler.state(), "aug_rng": aug_g.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "step": step,
-                "config": asdict(config), "in_channels": in_channels,
-                "num_classes": num_classes}, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    state = {"model": net.state_dict(), "history": history, "step": step,
+             "config": asdict(config), "in_channels": in_channels,
+             "num_classes": num_classes, "seconds": float(seconds)}
+    if data is not None:
+        state["data"] = data
+    if opt is not None:
+        state.update(optimizer=opt.state_dict(), sampler=sampler.state(),
+                     aug_rng=aug_g.get_state(), torch_rng=torch.get_rng_state())
+    atomic_torch_save(state, path)  # never leave a half-written checkpoint
 
 
 def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
@@ -211,7 +393,7 @@ def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = _load_checkpoint(path)
     cfg = state["config"]
     net = build_model(cfg["model"], state["in_channels"], state["num_classes"]).to(device)
     net.load_state_dict(state["model"])

@@ -11,14 +11,16 @@ from rce_fast.experiment import (ATTACKS, ExperimentConfig, compare_kd, render_r
                                  run_experiment)
 
 
+TINY = dict(steps=120, n_attack=40, per_class=100, kernel_points=20, cw_steps=30,
+            cw_search=2, jsma_max_iterations=10, progress=False,
+            wb_stage1=dict(max_iterations=20, c_init=10.0, binary_search_steps=1),
+            wb_stage2=dict(max_iterations=20, c_init=100.0, binary_search_steps=1))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("exp")
-    cfg = ExperimentConfig.demo(
-        out=str(out), steps=120, n_attack=40, per_class=100, kernel_points=20, cw_steps=30,
-        cw_search=2, jsma_max_iterations=10, progress=False,
-        wb_stage1=dict(max_iterations=20, c_init=10.0, binary_search_steps=1),
-        wb_stage2=dict(max_iterations=20, c_init=100.0, binary_search_steps=1))
+    cfg = ExperimentConfig.demo(out=str(out), **TINY)
     lines = []
     return out, run_experiment(cfg, log=lines.append), lines
 
@@ -154,3 +156,153 @@ def test_training_under_torchrun_ddp(tmp_path):
     assert proc.stdout.count("test error") == 1  # rank 0 reports
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 20
+
+
+# ------------------------------------------------------------- stopping and continuing
+
+def _tiny_cfg(out, **over):
+    return ExperimentConfig.demo(**{**TINY, "out": str(out), **over})
+
+
+def _nth(kind, n):
+    return lambda k, grants: k == kind and sum(g[0] == kind for g in grants) >= n - 1
+
+
+def _comparable(results):
+    """results.json without what differs between runs that computed the same thing:
+    timings, the session log and the output folder."""
+    r = json.loads(json.dumps(results))
+    r.pop("sessions", None)
+    r["config"].pop("out")
+    for m in r["models"].values():
+        m.pop("train_seconds")
+        for entry in m["attacks"].values():
+            entry.pop("seconds_per_example")
+    return r
+
+
+def test_a_run_stopped_five_times_gives_the_uninterrupted_results(tiny_run, tmp_path):
+    """Stops inside CE training, inside CE's C&W, inside stage 2 of CE's C&W-wb, and
+    between two RCE attacks; every continuation reproduces the uninterrupted run."""
+    from rce_fast.experiment import _load_adversarial
+    from rce_fast.resume import Budget, StopRequested
+
+    out0, straight, _ = tiny_run
+    out = tmp_path / "run"
+    train_kind = "train resnet8 batch 128"
+    plan = [_nth(train_kind, 3), _nth("C&W", 2), _nth("C&W-wb stage 2", 2),
+            _nth("attack BIM", 1), None]
+    seen = []
+    for stop in plan:
+        budget = Budget(max_chunk=8, chunk_seconds=float("inf"), stop_if=stop)
+        try:
+            resumed = run_experiment(_tiny_cfg(out), log=lambda s: None, budget=budget)
+            seen.append("finished")
+        except StopRequested:
+            partial = sorted(p.name for p in (out / "partial").glob("*.pt"))
+            seen.append((json.loads((out / "state.json").read_text())["sessions"][-1][
+                "result"], partial))
+            if len(seen) == 1:
+                state = torch.load(out / "ce.pt", weights_only=True)
+                assert state["step"] == 16 and "optimizer" in state
+            if len(seen) == 3:
+                assert torch.load(out / "partial" / "ce_cw-wb.pt",
+                                  weights_only=True)["state"]["stage"] == 2
+    assert seen == [("stopped: stop_if at 'train resnet8 batch 128'", []),
+                    ("stopped: stop_if at 'C&W'", ["ce_cw.pt"]),
+                    ("stopped: stop_if at 'C&W-wb stage 2'", ["ce_cw-wb.pt"]),
+                    ("stopped: stop_if at 'attack BIM'", []), "finished"]
+    assert _comparable(resumed) == _comparable(straight)
+    saved = json.loads((out / "results.json").read_text())
+    assert _comparable(saved) == _comparable(json.loads((out0 / "results.json").read_text()))
+    assert len(saved["sessions"]) == 5
+    from rce_fast.data import load_digits_split
+    x_att = load_digits_split()[2][:TINY["n_attack"]]
+    for f in sorted((out0 / "adversarial").glob("*.pt")):
+        a, info_a = _load_adversarial(f, x_att)
+        b, info_b = _load_adversarial(out / "adversarial" / f.name, x_att)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f.name
+        for k, v in info_a.items():
+            assert torch.equal(v, info_b[k]) if torch.is_tensor(v) else v == info_b[k]
+    for name in ("ce.pt", "rce.pt", "ce_detector.pt", "rce_detector.pt"):
+        a = torch.load(out0 / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        ta = a["model"] if "model" in a else a
+        tb = b["model"] if "model" in b else b
+        for k, v in ta.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, tb[k]), (name, k)
+        assert "optimizer" not in a and "optimizer" not in b  # finished: the model only
+    assert not (out / "partial").exists() and not list(out.rglob(".*.tmp"))
+
+
+def test_a_folder_with_another_run_is_refused_unless_forced_or_restarted(tiny_run, tmp_path):
+    import shutil
+
+    from rce_fast.resume import Budget, ResumeMismatch, StopRequested
+
+    out0, straight, _ = tiny_run
+    out = tmp_path / "copy"
+    shutil.copytree(out0, out)
+    with pytest.raises(ResumeMismatch) as exc:
+        run_experiment(_tiny_cfg(out, cw_steps=31, seed=2), log=lambda s: None)
+    msg = str(exc.value)
+    assert "cw_steps: 30 before, 31 now" in msg and "seed: 0 before, 2 now" in msg
+    assert "--force-resume" in msg and "--restart" in msg
+    before = (out / "ce.pt").read_bytes()
+    lines = []
+    forced = run_experiment(_tiny_cfg(out, cw_steps=31), log=lines.append, force_resume=True)
+    assert any("changed settings" in line and "cw_steps" in line for line in lines)
+    assert forced["forced_resumes"] == [["cw_steps: 30 before, 31 now"]]
+    assert (out / "ce.pt").read_bytes() == before  # finished parts stay as they are
+    assert forced["models"]["ce"]["attacks"]["C&W"]["auc"] == straight["models"]["ce"][
+        "attacks"]["C&W"]["auc"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(StopRequested):
+        run_experiment(_tiny_cfg(out), log=lambda s: None, restart=True,
+                       budget=Budget(stop_after=0))
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["ce.pt", "notes.txt", "state.json"]  # ce.pt: the stop's checkpoint
+    assert torch.load(out / "ce.pt", weights_only=True)["step"] == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["units"] == {} and state["settings"]["cw_steps"] == 30
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--out", "{f}/sub"],
+    ["reproduce", "--dataset", "mnist", "--data-dir", "x", "--out", "{f}"],
+    ["train", "--out", "{f}/m.pt", "--steps", "1"],
+    ["train", "--out", "{d}", "--steps", "1"],
+    ["attack", "--checkpoint", "c.pt", "--attack", "fgsm", "--out", "{f}/a.pt"],
+])
+def test_an_unwritable_output_fails_before_any_work(argv, tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    named = tmp_path if any("{d}" in a for a in argv) else afile
+    assert main([a.format(f=afile, d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(named) in err
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_train_refusal_and_resume_flags_on_the_command_line(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    args = ["train", "--model", "resnet8", "--steps", "2", "--out", str(ckpt), "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args[:-1] + ["--objective", "ce", "--seed", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "objective: 'rce' before, 'ce' now" in err
+    assert "seed: 0 before, 4 now" in err and "--force-resume" in err
+    assert main(args + ["--objective", "ce", "--restart"]) == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["objective"] == "ce"
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--restart", "--force-resume"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_time_budget_option_is_checked():
+    for bad in ("0", "-3", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--time-budget", bad])

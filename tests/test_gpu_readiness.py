@@ -251,3 +251,26 @@ def test_tensors_on_the_second_gpu_while_the_first_is_current():
     torch.testing.assert_close(rce_fast.kdensity(q.to(dev), b.to(dev), bl.to(dev),
                                                  qc.to(dev), 1.0).cpu(), ref_kd,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_training_makes_its_rank_gpu_the_current_device(monkeypatch):
+    """Under torchrun rank r trains on cuda:r (LOCAL_RANK): train() must make it the
+    current device, or everything launched outside a device guard (and NCCL) lands on
+    GPU 0. Checked without a GPU by recording the call and stopping there."""
+    from rce_fast.train import TrainConfig, train
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def record(device):
+        seen.append(torch.device(device))
+        raise Reached
+
+    monkeypatch.setattr(torch.cuda, "set_device", record)
+    x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(Reached):
+        train(TrainConfig(model="resnet8", steps=1, batch_size=2, progress=False), x, y,
+              device="cuda:1")
+    assert seen == [torch.device("cuda:1")]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..resume import pack_like, unpack_like
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
                       decision_logits, resolve_target)
 
@@ -65,7 +66,8 @@ class _Adam:
     It calls torch's functional fused Adam directly: the ``torch.optim.Adam`` object's
     per-step bookkeeping costs ~0.1 ms on CPU, more than the fused update itself, and
     the C&W step is launch-bound. Falls back to the optimizer object where the fused
-    kernel does not exist (older torch, other devices).
+    kernel does not exist (older torch, other devices); the object then works on this
+    class's moment tensors, so :meth:`state_dict` covers both paths.
     """
 
     def __init__(self, w: Tensor, lr: float) -> None:
@@ -88,16 +90,24 @@ class _Adam:
                 if int(self.step_t) != 0:
                     raise
                 self.opt = torch.optim.Adam([self.w], lr=self.lr, foreach=True)
+                self.step_t = self.step_t.cpu()
+                self.opt.state[self.w] = {"step": self.step_t, "exp_avg": self.exp_avg,
+                                          "exp_avg_sq": self.exp_avg_sq}
         self.w.grad = grad
         self.opt.step()
 
+    def state_dict(self) -> dict:
+        return {"exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+                "step": self.step_t.cpu()}
 
-def _cw_search(model, x: Tensor, cls: Tensor, targeted: bool, kappa: float, c_init: float,
-               binary_search_steps: int, max_iterations: int, lr: float, abort_early: bool,
-               lo: float, hi: float, init: Tensor | None = None,
-               extra: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-               progress: bool = False, desc: str = "C&W", warm_start: bool = True):
-    """The C&W optimisation with a per-example binary search over c.
+    def load_state_dict(self, state: dict) -> None:
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.step_t.copy_(state["step"])
+
+
+class _CWSearch:
+    """The C&W optimisation with a per-example binary search over c, resumable.
 
     ``extra(features) -> (penalty (B,), ok (B,) bool, score (B,))`` adds c * penalty to
     the loss and requires ``ok`` for success (C&W-wb); among iterates classified as the
@@ -105,82 +115,209 @@ def _cw_search(model, x: Tensor, cls: Tensor, targeted: bool, kappa: float, c_in
     that never succeed. ``warm_start``: each search step starts from the previous
     step's last iterate instead of the starting point, so the whole step budget keeps
     refining (Carlini's code restarts; at equal budgets warm starts reach smaller L2).
-    Returns (best_adv, best_l2, final c, fallback_adv, fallback_score).
+
+    :meth:`run` takes an optional :class:`rce_fast.resume.WorkControl`: iterations then
+    run in chunks the budget grants, and a stop saves :meth:`state_dict` (everything:
+    the best examples and distances so far, c and its bounds, the current iterate,
+    Adam's moments and step, the iteration, the abort-early reference). A search
+    restored with :meth:`load_state_dict` continues bit-identically on CPU.
     """
-    batch = x.shape[0]
-    view = (-1,) + (1,) * (x.dim() - 1)
-    x32 = x.detach().float()
-    mid, half = (hi + lo) / 2.0, (hi - lo) / 2.0
-    start = x32 if init is None else init.detach().float()
-    w0 = torch.atanh(((start - mid) / half).clamp(-1 + 1e-6, 1 - 1e-6))
-    dev = x.device
-    c = torch.full((batch,), float(c_init), device=dev)
-    lower = torch.zeros(batch, device=dev)
-    upper = torch.full((batch,), _BIG, device=dev)
-    best_l2 = torch.full((batch,), math.inf, device=dev)
-    best_adv = x32.clone()
-    fb_score = torch.full((batch,), math.inf, device=dev)
-    fb_adv = start.clone()
-    check_every = max(1, max_iterations // 10)
-    outer = tqdm(range(binary_search_steps), desc=desc, disable=not progress, leave=False)
-    for _ in outer:
-        w = w0.clone()
-        opt = _Adam(w, lr)
-        step_ok = torch.zeros(batch, dtype=torch.bool, device=dev)
-        prev = math.inf
+
+    _TENSORS = ("c", "lower", "upper", "best_l2", "fb_score")
+
+    def __init__(self, model, x: Tensor, cls: Tensor, targeted: bool, kappa: float,
+                 c_init: float, binary_search_steps: int, max_iterations: int, lr: float,
+                 abort_early: bool, lo: float, hi: float, init: Tensor | None = None,
+                 extra: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+                 warm_start: bool = True) -> None:
+        batch = x.shape[0]
+        self.model, self.cls, self.targeted, self.kappa = model, cls, targeted, kappa
+        self.bss, self.max_iterations, self.lr = binary_search_steps, max_iterations, lr
+        self.abort_early, self.extra, self.warm_start = abort_early, extra, warm_start
+        self.view = (-1,) + (1,) * (x.dim() - 1)
+        self.x32 = x.detach().float()
+        self.mid, self.half = (hi + lo) / 2.0, (hi - lo) / 2.0
+        start = self.x32 if init is None else init.detach().float()
+        self.w0 = torch.atanh(((start - self.mid) / self.half).clamp(-1 + 1e-6, 1 - 1e-6))
+        dev = x.device
+        self.c = torch.full((batch,), float(c_init), device=dev)
+        self.lower = torch.zeros(batch, device=dev)
+        self.upper = torch.full((batch,), _BIG, device=dev)
+        self.best_l2 = torch.full((batch,), math.inf, device=dev)
+        self.best_adv = self.x32.clone()
+        self.fb_score = torch.full((batch,), math.inf, device=dev)
+        self.fb_adv = start.clone()
+        self.check_every = max(1, max_iterations // 10)
+        self.settings = {"batch": batch, "shape": list(x.shape), "targeted": targeted,
+                         "kappa": kappa, "c_init": float(c_init),
+                         "binary_search_steps": binary_search_steps,
+                         "max_iterations": max_iterations, "lr": lr,
+                         "abort_early": abort_early, "warm_start": warm_start,
+                         "extra": extra is not None}
+        # Position: search step, iteration within it; the step's iterate, Adam and
+        # success flags exist only while a step is under way.
+        self.step, self.it, self.prev = 0, 0, math.inf
+        self.w: Tensor | None = None
+        self.adam: _Adam | None = None
+        self.step_ok: Tensor | None = None
+
+    # -- state
+    def state_dict(self) -> dict:
+        """Everything the search needs to continue, as CPU tensors and numbers. Images
+        are stored losslessly compressed against the inputs; the starting point of the
+        step is left out where it can be recomputed (no warm start) or is no longer
+        needed (warm start, in the middle of a step)."""
+        state = {k: getattr(self, k).cpu() for k in self._TENSORS}
+        state.update(settings=dict(self.settings), step=self.step, it=self.it,
+                     prev=self.prev, cls=self.cls.cpu(),
+                     best_adv=pack_like(self.best_adv, self.x32))
+        if self.extra is not None:
+            state["fb_adv"] = pack_like(self.fb_adv, self.x32)
+        if self.warm_start and self.w is None:
+            state["w0"] = self.w0.cpu()
+        if self.w is not None:
+            state.update(w=self.w.cpu(), step_ok=self.step_ok.cpu(),
+                         adam=self.adam.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("settings") != self.settings:
+            raise ValueError("saved C&W state is for other settings: "
+                             f"{state.get('settings')} against {self.settings}")
+        if not torch.equal(state["cls"], self.cls.cpu()):
+            raise ValueError("saved C&W state is for other target classes")
+        dev = self.x32.device
+        for k in self._TENSORS:
+            setattr(self, k, state[k].to(dev))
+        self.best_adv = unpack_like(state["best_adv"], self.x32).to(dev)
+        if "fb_adv" in state:
+            self.fb_adv = unpack_like(state["fb_adv"], self.x32).to(dev)
+        if "w0" in state:
+            self.w0 = state["w0"].to(dev)
+        self.step, self.it, self.prev = int(state["step"]), int(state["it"]), float(state["prev"])
+        if "w" in state:
+            self.w = state["w"].to(dev)
+            self.adam = _Adam(self.w, self.lr)
+            self.adam.load_state_dict(state["adam"])
+            self.step_ok = state["step_ok"].to(dev)
+
+    # -- the optimisation
+    def run(self, control=None, progress: bool = False, desc: str = "C&W"):
+        """Run (or continue) to the end; returns (best_adv, best_l2, final c,
+        fallback_adv, fallback_score). With ``control``, may raise
+        :class:`rce_fast.resume.StopRequested` after saving the state."""
+        bar = tqdm(total=self.bss, initial=self.step, desc=desc, disable=not progress,
+                   leave=False)
+        try:
+            while self.step < self.bss:
+                if self.w is None:  # a new search step
+                    self.w = self.w0.clone()
+                    self.adam = _Adam(self.w, self.lr)
+                    self.step_ok = torch.zeros(self.x32.shape[0], dtype=torch.bool,
+                                               device=self.x32.device)
+                    self.it, self.prev = 0, math.inf
+                self._run_step(control, desc)
+                if self.warm_start:
+                    self.w0 = self.w.detach()
+                with torch.no_grad():  # per-example binary search on c, all on the device
+                    ok = self.step_ok
+                    self.upper = torch.where(ok, torch.minimum(self.upper, self.c), self.upper)
+                    self.lower = torch.where(ok, self.lower, torch.maximum(self.lower, self.c))
+                    self.c = torch.where(self.upper < 1e9, (self.lower + self.upper) / 2,
+                                         self.c * 10)
+                self.step += 1
+                self.w, self.adam, self.step_ok = None, None, None
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.best_adv, self.best_l2, self.c, self.fb_adv, self.fb_score
+
+    def _run_step(self, control, desc: str) -> None:
+        """Iterations of the current search step, from ``self.it`` to its end (the
+        budget or abort-early)."""
+        model, cls, targeted, kappa, c = self.model, self.cls, self.targeted, self.kappa, self.c
+        x32, half, mid, view, w = self.x32, self.half, self.mid, self.view, self.w
         t, xp, diff, l2 = _iterate(w, x32, half, mid)
-        for it in range(max_iterations):
-            # The model's part of the loss goes through autograd; the distance term and the
-            # tanh box are differentiated by hand below (fewer passes over the batch).
-            xp.requires_grad_(True)
-            # Only the input's gradient is taken: parameter gradients are skipped even
-            # when the parameters require grad.
-            if extra is None:
-                z = decision_logits(model, xp)
+        while self.it < self.max_iterations:
+            n = self.max_iterations - self.it
+            if control is not None:
+                control.chunk_boundary(self.state_dict)
+                n = control.grant(desc, n)
+                if n == 0:
+                    control.stop(self.state_dict)
+            ran = 0
+            for _ in range(n):
+                if control is not None and control.interrupted:
+                    break
+                it = self.it
+                # The model's part of the loss goes through autograd; the distance term and
+                # the tanh box are differentiated by hand below (fewer passes over the batch).
+                xp.requires_grad_(True)
+                # Only the input's gradient is taken: parameter gradients are skipped even
+                # when the parameters require grad.
+                if self.extra is None:
+                    z = decision_logits(model, xp)
+                    with torch.no_grad():
+                        m, gz = _hinge_and_grad(z, cls, targeted, kappa, c)
+                    model_term = c * m.clamp(min=0)
+                    ok = m <= 0
+                    (g,) = torch.autograd.grad(z, [xp], gz)
+                else:
+                    z, feats = logits_and_features(model, xp)
+                    m = _margin(z.float(), cls, targeted)[0] + kappa
+                    model_term = c * m.clamp(min=0)
+                    ok = m <= 0
+                    penalty, ok2, score = self.extra(feats)
+                    model_term = model_term + c * penalty
+                    with torch.no_grad():
+                        better = ok & (score.detach() < self.fb_score)
+                        self.fb_score = torch.where(better, score.detach(), self.fb_score)
+                        self.fb_adv = torch.where(better.view(view), xp.detach(), self.fb_adv)
+                    ok = ok & ok2
+                    (g,) = torch.autograd.grad(model_term.sum(), [xp])
+                xp = xp.detach()
                 with torch.no_grad():
-                    m, gz = _hinge_and_grad(z, cls, targeted, kappa, c)
-                model_term = c * m.clamp(min=0)
-                ok = m <= 0
-                (g,) = torch.autograd.grad(z, [xp], gz)
-            else:
-                z, feats = logits_and_features(model, xp)
-                m = _margin(z.float(), cls, targeted)[0] + kappa
-                model_term = c * m.clamp(min=0)
-                ok = m <= 0
-                penalty, ok2, score = extra(feats)
-                model_term = model_term + c * penalty
-                with torch.no_grad():
-                    better = ok & (score.detach() < fb_score)
-                    fb_score = torch.where(better, score.detach(), fb_score)
-                    fb_adv = torch.where(better.view(view), xp.detach(), fb_adv)
-                ok = ok & ok2
-                (g,) = torch.autograd.grad(model_term.sum(), [xp])
-            xp = xp.detach()
-            with torch.no_grad():
-                # d loss / d w = (d model_term / d xp + 2 (xp - x)) * half * (1 - tanh(w)^2)
-                g.add_(diff, alpha=2.0)
-                g.addcmul_(g * t, t, value=-1.0)
-                if half != 1.0:
-                    g.mul_(half)
-                opt.step(g)
-                improved = ok & (l2 < best_l2)
-                best_l2 = torch.where(improved, l2, best_l2)
-                best_adv = torch.where(improved.view(view), xp, best_adv)
-                step_ok |= ok
-                if abort_early and it % check_every == 0:
-                    # one sync every max_iterations // 10 steps
-                    current = float(l2.sum() + model_term.detach().sum())
-                    if current > prev * 0.9999:
-                        break
-                    prev = current
-                t, xp, diff, l2 = _iterate(w, x32, half, mid)
-        if warm_start:
-            w0 = w.detach()
-        with torch.no_grad():  # per-example binary search on c, all on the device
-            upper = torch.where(step_ok, torch.minimum(upper, c), upper)
-            lower = torch.where(step_ok, lower, torch.maximum(lower, c))
-            c = torch.where(upper < 1e9, (lower + upper) / 2, c * 10)
-    return best_adv, best_l2, c, fb_adv, fb_score
+                    # d loss / d w = (d model_term / d xp + 2 (xp - x)) * half * (1 - tanh(w)^2)
+                    g.add_(diff, alpha=2.0)
+                    g.addcmul_(g * t, t, value=-1.0)
+                    if half != 1.0:
+                        g.mul_(half)
+                    self.adam.step(g)
+                    improved = ok & (l2 < self.best_l2)
+                    self.best_l2 = torch.where(improved, l2, self.best_l2)
+                    self.best_adv = torch.where(improved.view(view), xp, self.best_adv)
+                    self.step_ok |= ok
+                    self.it = it + 1
+                    ran += 1
+                    if self.abort_early and it % self.check_every == 0:
+                        # one sync every max_iterations // 10 steps
+                        current = float(l2.sum() + model_term.detach().sum())
+                        if current > self.prev * 0.9999:
+                            self.it = self.max_iterations  # the step ends here
+                            break
+                        self.prev = current
+                    t, xp, diff, l2 = _iterate(w, x32, half, mid)
+            if control is not None:
+                control.done(ran)
+                if control.interrupted and self.it < self.max_iterations:
+                    control.stop(self.state_dict)
+
+
+def _cw_search(model, x: Tensor, cls: Tensor, targeted: bool, kappa: float, c_init: float,
+               binary_search_steps: int, max_iterations: int, lr: float, abort_early: bool,
+               lo: float, hi: float, init: Tensor | None = None,
+               extra: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+               progress: bool = False, desc: str = "C&W", warm_start: bool = True,
+               control=None):
+    """The C&W optimisation with a per-example binary search over c (see
+    :class:`_CWSearch`); resumes from ``control.saved`` when there is one.
+    Returns (best_adv, best_l2, final c, fallback_adv, fallback_score)."""
+    search = _CWSearch(model, x, cls, targeted, kappa, c_init, binary_search_steps,
+                       max_iterations, lr, abort_early, lo, hi, init=init, extra=extra,
+                       warm_start=warm_start)
+    if control is not None and control.saved is not None:
+        search.load_state_dict(control.saved)
+    return search.run(control, progress=progress, desc=desc)
 
 
 def _iterate(w: Tensor, x32: Tensor, half: float, mid: float):
@@ -207,7 +344,8 @@ def _check_cw_args(x, kappa, c_init, binary_search_steps, max_iterations, lr, cl
 def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-3,
           binary_search_steps: int = 9, max_iterations: int = 10000, lr: float = 1e-2,
           abort_early: bool = True, clip=(-0.5, 0.5), seed: int = 0, init: Tensor | None = None,
-          warm_start: bool = True, progress: bool = False, return_info: bool = False):
+          warm_start: bool = True, progress: bool = False, return_info: bool = False,
+          control=None):
     """Carlini-Wagner L2 attack, batched, with a per-example binary search over c.
 
     Minimises ||x' - x||^2 + c * max(margin, -kappa) over x' = tanh(w) * half + mid (the
@@ -225,6 +363,12 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
             same step budget it reaches smaller distortions.
         return_info: also return AttackInfo with ``success``, ``target``, ``l2`` (the L2
             norm of the kept perturbation, inf where none succeeded) and ``c`` (final c).
+        control: optional :class:`rce_fast.resume.WorkControl` for a time-boxed run:
+            iterations run in chunks its budget grants; when it says stop, the whole
+            search state is saved through it and :class:`rce_fast.resume.StopRequested`
+            is raised. Called again with a control whose ``saved`` holds that state, the
+            attack continues where it stopped, with the same result as without a stop
+            (bit for bit on CPU).
 
     Returns the smallest-L2 successful example per input (the input itself where the
     attack failed), in x's dtype.
@@ -237,7 +381,7 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
     cls = resolve_target(target, clean, seed) if targeted else clean.argmax(1)
     adv, l2, c, _, _ = _cw_search(model, x, cls, targeted, float(kappa), float(c_init), bss,
                                   iters, float(lr), abort_early, lo, hi, init=init,
-                                  progress=progress, warm_start=warm_start)
+                                  progress=progress, warm_start=warm_start, control=control)
     adv = adv.to(x.dtype)
     if not return_info:
         return adv
@@ -249,7 +393,7 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
 def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
           stage1: dict | None = None, stage2: dict | None = None, lr: float = 1e-2,
           abort_early: bool = True, clip=(-0.5, 0.5), seed: int = 0, progress: bool = False,
-          return_info: bool = False):
+          return_info: bool = False, control=None):
     """C&W-wb: the white-box attack on the K-density detector (Pang et al. 2018, sec. 5).
 
     Adds c * max(f2, 0) to the C&W loss, f2(x') = -log KD_t(x') + log median_t: the
@@ -267,6 +411,9 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
     where none was found, the target-classified iterate with the lowest f2.
     AttackInfo: ``success``, ``target``, ``f2`` (B,), ``f2_positive_ratio`` (the paper's
     Table 3 number), ``l2``, ``classified_as_target``.
+
+    ``control``: as in :func:`cw_l2`; the saved state also records the stage, and stage
+    1's result once it is done.
     """
     from rce_fast.detect import QueryPlan, kdensity_planned
 
@@ -295,17 +442,29 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
         f2 = f2_of(features)
         return f2.clamp(min=0), f2 <= 0, f2
 
+    saved = control.saved if control is not None else None
+    if saved is not None and saved.get("stage") not in (1, 2):
+        raise ValueError("saved C&W-wb state has no stage")
     init = None
     if stage1 is not False:
-        adv1, _, _, _, _ = _cw_search(model, x, cls, True, float(kappa), float(s1["c_init"]),
-                                   int(s1["binary_search_steps"]), int(s1["max_iterations"]),
-                                   float(lr), abort_early, lo, hi, progress=progress,
-                                   desc="C&W-wb stage 1")
-        init = adv1
+        if saved is not None and saved["stage"] == 2:
+            init = unpack_like(saved["init"], x.float()).to(x.device)
+        else:
+            sub = None if control is None else control.nested(
+                lambda s: {"stage": 1, "search": s}, saved and saved["search"])
+            init, _, _, _, _ = _cw_search(
+                model, x, cls, True, float(kappa), float(s1["c_init"]),
+                int(s1["binary_search_steps"]), int(s1["max_iterations"]), float(lr),
+                abort_early, lo, hi, progress=progress, desc="C&W-wb stage 1", control=sub)
+            saved = None
+    init_packed = None if init is None or control is None else pack_like(init, x.float())
+    sub = None if control is None else control.nested(
+        lambda s: {"stage": 2, "init": init_packed, "search": s},
+        saved["search"] if saved is not None and saved["stage"] == 2 else None)
     adv, l2, c, fb_adv, fb_score = _cw_search(
         model, x, cls, True, float(kappa), float(s2["c_init"]), bss2, iters2, float(lr),
         abort_early, lo, hi, init=init, extra=penalty, progress=progress,
-        desc="C&W-wb stage 2")
+        desc="C&W-wb stage 2", control=sub)
     success = torch.isfinite(l2)
     # Where f2 <= 0 was never reached: the target-classified iterate with the lowest f2
     # (the detector's best case), else stage 1's example.
