@@ -278,6 +278,7 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     # its one-line error with no bar drawn above it.
     bar = tqdm(total=config.steps, initial=start, disable=not config.progress or rank != 0,
                desc=f"train {config.objective}", delay=3600.0 if budget is not None else 0.0)
+    hidden_bar = budget is not None and not bar.disable
     per_rank = config.batch_size // world
     pending: list[tuple[int, torch.Tensor, float]] = []
     t_start = time.perf_counter()
@@ -312,7 +313,8 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
                 if n == 0 or stop:
                     save(step, False)
                     raise StopRequested(budget.stop_reason or "stop requested")
-            if bar.delay:
+            if hidden_bar:
+                hidden_bar = False
                 bar.delay = 0.0
                 bar.refresh()
             ran = 0
