@@ -3,10 +3,10 @@
 // (gradient through the distance and the tanh box, Adam, best-so-far bookkeeping, the
 // next iterate and its distance). The model's forward and backward are all that is left.
 //
-// tanh(w) = sign(w) (1 - e) / (1 + e), e = exp(-2|w|) with vec_exp.h's branch-free exp:
-// absolute error below 3e-7 (tests/test_cw_fused.py), which is below one float ulp of
-// the box's bounds, so x' stays exactly inside [lo, hi] up to the same rounding as
-// before. Each row's squared distance is summed in kLanes fixed double accumulators, so
+// tanh(w) = sign(w) (1 - e) / (1 + e), e = exp(-2|w|) with vec_exp.h's branch-free exp,
+// and its Taylor series below |w| = 0.25: absolute error below one float ulp of 1
+// (tests/test_cw_fused.py), so x' stays inside [lo, hi] up to the same rounding as
+// before, and a relative error of a few ulps near 0. Each row's squared distance is summed in kLanes fixed double accumulators, so
 // the baseline and AVX2 copies (compiled with -ffp-contract=off) return the same bits.
 #include <cmath>
 #include <cstdint>
@@ -35,7 +35,15 @@ constexpr int kLanes = 16;
 RCE_FAST_CW_INLINE float tanh_box(float w) {
   const float a = w < 0.0f ? -w : w;
   const float e = exp_flush(-2.0f * a);
-  const float t = (1.0f - e) / (1.0f + e);
+  const float far = (1.0f - e) / (1.0f + e);
+  // Below 0.25, 1 - e cancels (relative error ~ulp / a): the Taylor series to a^9 there
+  // (the first term left out is below 1e-8 relative), so tanh keeps a relative error of
+  // a few ulps down to the subnormals, where it returns a itself. Both are computed and
+  // one selected: the loop stays branch-free.
+  const float a2 = a * a;
+  const float near = a + a * a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f
+                                                                   + a2 * (62.0f / 2835.0f))));
+  const float t = a < 0.25f ? near : far;
   return w < 0.0f ? -t : t;
 }
 

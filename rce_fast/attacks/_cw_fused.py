@@ -39,11 +39,12 @@ def _bias_terms(step: int, lr: float) -> tuple[float, float]:
 
 def fused_update(g: Tensor, w: Tensor, m: Tensor, v: Tensor, t: Tensor, xp: Tensor,
                  x: Tensor, best: Tensor, improved: Tensor, step: int, lr: float,
-                 half: float, mid: float, l2: Tensor) -> None:
+                 half: float, mid: float, l2: Tensor, isa: int | None = None) -> None:
     """The compiled step, in place on w, m, v, t, xp, best and l2 (see csrc/cw.h).
 
     ``step`` is Adam's step count AFTER this update (1 on the first); every image buffer
-    is (B, n) float32 contiguous, ``improved`` (B,) bool, ``l2`` (B,) float32."""
+    is (B, n) float32 contiguous, ``improved`` (B,) bool, ``l2`` (B,) float32. ``isa``
+    picks a compiled copy (tests; default: the best this CPU runs)."""
     module, _ = _ext.load()
     step_size, inv_sqrt_bc2 = _bias_terms(step, lr)
     batch = w.shape[0]
@@ -52,7 +53,8 @@ def fused_update(g: Tensor, w: Tensor, m: Tensor, v: Tensor, t: Tensor, xp: Tens
     module.cw_update_cpu(g.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(),
                          t.data_ptr(), xp.data_ptr(), x.data_ptr(), best.data_ptr(),
                          imp.data_ptr(), l2.data_ptr(), batch, n, lr, BETA1, BETA2, EPS,
-                         step_size, inv_sqrt_bc2, half, mid, torch.get_num_threads())
+                         step_size, inv_sqrt_bc2, half, mid, torch.get_num_threads(),
+                         module.ISA_AUTO if isa is None else isa)
 
 
 def torch_update(g: Tensor, w: Tensor, m: Tensor, v: Tensor, t: Tensor, xp: Tensor,

@@ -15,8 +15,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..resume import pack_like, unpack_like
+from . import _cw_fused
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
-                      decision_logits, resolve_target)
+                      decision_logits, preserves_model_state, resolve_target)
 
 try:
     from torch.optim.adam import adam as _functional_adam
@@ -238,6 +239,11 @@ class _CWSearch:
         model, cls, targeted, kappa, c = self.model, self.cls, self.targeted, self.kappa, self.c
         x32, half, mid, view, w = self.x32, self.half, self.mid, self.view, self.w
         t, xp, diff, l2 = _iterate(w, x32, half, mid)
+        # On CPU the update after the model's gradient runs as one compiled pass
+        # (Adam, tanh box, best tracking, next iterate and its distance): in place on
+        # w, Adam's moments, t, xp, l2 and best_adv.
+        fused = (_cw_fused.fused_available(w) and self.adam.opt is None
+                 and x32.is_contiguous() and self.best_adv.is_contiguous())
         while self.it < self.max_iterations:
             n = self.max_iterations - self.it
             if control is not None:
@@ -277,26 +283,36 @@ class _CWSearch:
                     (g,) = torch.autograd.grad(model_term.sum(), [xp])
                 xp = xp.detach()
                 with torch.no_grad():
-                    # d loss / d w = (d model_term / d xp + 2 (xp - x)) * half * (1 - tanh(w)^2)
-                    g.add_(diff, alpha=2.0)
-                    g.addcmul_(g * t, t, value=-1.0)
-                    if half != 1.0:
-                        g.mul_(half)
-                    self.adam.step(g)
                     improved = ok & (l2 < self.best_l2)
                     self.best_l2 = torch.where(improved, l2, self.best_l2)
-                    self.best_adv = torch.where(improved.view(view), xp, self.best_adv)
                     self.step_ok |= ok
+                    check = self.abort_early and it % self.check_every == 0
+                    if check:  # one sync every max_iterations // 10 steps
+                        current = float(l2.sum() + model_term.detach().sum())
+                    if fused:
+                        self.adam.step_t += 1
+                        _cw_fused.fused_update(g.contiguous(), w, self.adam.exp_avg,
+                                               self.adam.exp_avg_sq, t, xp, x32,
+                                               self.best_adv, improved,
+                                               int(self.adam.step_t), self.lr, half, mid, l2)
+                    else:
+                        # d loss / d w = (d model_term / d xp + 2 (xp - x)) * half
+                        #                * (1 - tanh(w)^2)
+                        g.add_(diff, alpha=2.0)
+                        g.addcmul_(g * t, t, value=-1.0)
+                        if half != 1.0:
+                            g.mul_(half)
+                        self.adam.step(g)
+                        self.best_adv = torch.where(improved.view(view), xp, self.best_adv)
                     self.it = it + 1
                     ran += 1
-                    if self.abort_early and it % self.check_every == 0:
-                        # one sync every max_iterations // 10 steps
-                        current = float(l2.sum() + model_term.detach().sum())
+                    if check:
                         if current > self.prev * 0.9999:
                             self.it = self.max_iterations  # the step ends here
                             break
                         self.prev = current
-                    t, xp, diff, l2 = _iterate(w, x32, half, mid)
+                    if not fused:
+                        t, xp, diff, l2 = _iterate(w, x32, half, mid)
             if control is not None:
                 control.done(ran)
                 if control.interrupted and self.it < self.max_iterations:
@@ -341,6 +357,7 @@ def _check_cw_args(x, kappa, c_init, binary_search_steps, max_iterations, lr, cl
             check_int(max_iterations, "max_iterations", 1))
 
 
+@preserves_model_state
 def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-3,
           binary_search_steps: int = 9, max_iterations: int = 10000, lr: float = 1e-2,
           abort_early: bool = True, clip=(-0.5, 0.5), seed: int = 0, init: Tensor | None = None,
@@ -390,6 +407,7 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
                            extra={"l2": l2.sqrt(), "c": c, "labels": clean.argmax(1)})
 
 
+@preserves_model_state
 def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
           stage1: dict | None = None, stage2: dict | None = None, lr: float = 1e-2,
           abort_early: bool = True, clip=(-0.5, 0.5), seed: int = 0, progress: bool = False,
