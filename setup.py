@@ -75,7 +75,7 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6.0"],
     },
     entry_points={"console_scripts": ["rce-fast = rce_fast.cli:main"]},
     zip_safe=False,

@@ -215,7 +215,9 @@ RCE_FAST_INLINE void backward_rows_narrow(const T* grad_rows, double grad_scale,
         continue;
       }
       for (int64_t j = 0; j < L; ++j) out[j] = u[j * kLanes + k];
-      out[y] += g[k] * inv_lm1;
+      // the label's entry is g p_y (R_y is 0 there): not (p_y - 1/(L-1)) + 1/(L-1), which
+      // rounds a p_y far below 1/(L-1), the usual case in RCE training, to 0
+      out[y] = g[k] * exp_flush(z[(i + k) * stride + y] * it - l[k]);
     }
   }
 }
@@ -239,7 +241,7 @@ RCE_FAST_INLINE void backward_rows(const T* grad_rows, double grad_scale, const 
     const T g = grad_rows != nullptr ? grad_rows[i] * it : uniform;
     const T l = lse[i];
     for (int64_t j = 0; j < L; ++j) out[j] = g * (exp_flush(row[j] * it - l) - inv_lm1);
-    out[y] += g * inv_lm1;
+    out[y] = g * exp_flush(row[y] * it - l);  // g p_y: see backward_rows_narrow
   }
 }
 

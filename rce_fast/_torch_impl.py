@@ -214,6 +214,15 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
     return torch.where(keep, loss, 0.0), lse
 
 
+def _label_probability(p: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The gradient's label entry, p_y itself (R_y is 0 there), taken from the clamped
+    exponentials ``p`` before 1/(L-1) is subtracted: subtracting it and adding it back
+    rounds every p_y far below 1/(L-1) (the usual case in RCE training, which makes the
+    label the least likely class) to a multiple of ulp(1/(L-1)), often 0. Values the
+    clamp produced (below the normal range) are 0, as in exp_flush."""
+    return torch.nn.functional.threshold(p.gather(1, label), _exp_at_floor(p.dtype), 0.0)
+
+
 def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                  lse: torch.Tensor, ignore_index: int, inv_temperature: float) -> torch.Tensor:
     """(softmax(u) - R_y) * grad_rows / T as a new (N, L) tensor in the logits' dtype."""
@@ -224,7 +233,6 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     label = target.clamp(0, num_classes - 1).unsqueeze(1)
     g = torch.where(keep, grad_rows.to(acc) * inv_temperature, 0.0)
     inv_lm1 = 1.0 / (num_classes - 1)
-    g_label = (g * inv_lm1).unsqueeze(1)
     for rs in _row_chunks(n, num_classes):
         out = grad[rs]
         lse_col = lse[rs].unsqueeze(1)
@@ -239,8 +247,9 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
             if inv_temperature != 1.0:
                 p.mul_(inv_temperature)
             p.sub_(lse_col)
-        exp_clamped_(p).sub_(inv_lm1).mul_(g[rs].unsqueeze(1))
-        p.scatter_add_(1, label[rs], g_label[rs])
+        exp_clamped_(p)
+        p_label = _label_probability(p, label[rs])
+        p.sub_(inv_lm1).scatter_(1, label[rs], p_label).mul_(g[rs].unsqueeze(1))
         if p is not out:
             out.copy_(p)
     if not bool(keep.all()):
@@ -278,9 +287,9 @@ def rce_backward_small(grad_scale: torch.Tensor, logp: torch.Tensor, label: torc
                        keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad_scale`` is (N, 1) or a scalar: upstream gradient times 1/T."""
     inv_lm1 = 1.0 / (logp.shape[1] - 1)
-    grad = torch.clamp(logp, min=exp_floor(logp.dtype)).exp_().sub_(inv_lm1)
-    grad.scatter_add_(1, label, torch.full(label.shape, inv_lm1, dtype=grad.dtype))
-    grad.mul_(grad_scale)
+    grad = torch.clamp(logp, min=exp_floor(logp.dtype)).exp_()
+    p_label = _label_probability(grad, label)
+    grad.sub_(inv_lm1).scatter_(1, label, p_label).mul_(grad_scale)
     if not bool(keep.all()):
         grad.masked_fill_(~keep.unsqueeze(1), 0.0)
     return grad.to(dtype)

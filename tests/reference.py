@@ -38,6 +38,19 @@ def rce_loss_closed_form(logits, target, temperature=1.0):
         num_classes - 1)
 
 
+def rce_grad_reference(logits, target, ignore_index=-100, temperature=1.0,
+                       dtype=torch.float64):
+    """d loss_i / d logits_i = (softmax(Z_i / T) - R_y) / T per row, 0 for ignored rows,
+    computed in ``dtype`` from the closed form (no autograd: the autograd of
+    rce_loss_reference carries sum_j R_j, which float sums of L - 1 copies of 1/(L-1)
+    miss 1 by ~1e-12 at L = 10^5 in float64). (N, L)."""
+    u = logits.to(dtype) / temperature
+    keep = target != ignore_index
+    r = reverse_labels(torch.where(keep, target, 0), u.shape[1], dtype=dtype)
+    grad = (torch.softmax(u, 1) - r) / temperature
+    return torch.where(keep.unsqueeze(1), grad, torch.zeros_like(grad))
+
+
 def kdensity_reference(q, bank, bank_labels, query_classes, sigma2):
     """log mean_{j: class match} exp(-||q_i - x_j||^2 / sigma2), brute force (N x M) in the
     inputs' dtype (use float64 inputs for ground truth)."""
@@ -132,3 +145,90 @@ def cw_l2_reference(model, x, target, c, steps, kappa=0.0, lr=1e-2, clip=(-0.5, 
             best_l2 = torch.where(better, l2, best_l2)
             best[better] = xp[better]
     return best, best_l2
+
+
+# ------------------------------------------------------------------ detection scores
+
+def confidence_reference(decision_logits, dtype=torch.float64):
+    """max_i softmax(z)_i per row, plainly, computed in ``dtype``; (N,)."""
+    return torch.softmax(decision_logits.to(dtype), 1).amax(1)
+
+
+def non_me_reference(decision_logits, dtype=torch.float64):
+    """Non-maximal entropy, one row at a time, in ``dtype``: drop the top class, renormalise
+    the other probabilities (p_i / sum_{j != top} p_j is the softmax of the other logits:
+    the common factor cancels, so nothing underflows to 0 / 0), -sum q log q with
+    0 log 0 = 0. (N,)."""
+    out = []
+    for row in decision_logits.to(dtype):
+        top = int(torch.argmax(row))
+        q = torch.softmax(torch.cat([row[:top], row[top + 1:]]), 0)
+        terms = q * torch.log(q)
+        out.append(-torch.where(q > 0, terms, torch.zeros_like(terms)).sum())
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------- AUC protocol
+
+def auc_reference(pos, neg):
+    """P(pos > neg) + P(pos == neg) / 2 over every (pos, neg) pair, by brute force (float64
+    NumPy); nan when a side is empty. Works with +-inf scores."""
+    import numpy as np
+    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return float(psi.mean())
+
+
+def auc_se_reference(pos, neg):
+    """DeLong et al. (1988) standard error of the AUC from the pairwise kernel psi, by brute
+    force: V10_i = mean_j psi(pos_i, neg_j), V01_j = mean_i psi(pos_i, neg_j),
+    se = sqrt(var(V10) / m + var(V01) / n) (sample variances); nan when m < 2 or n < 2."""
+    import numpy as np
+    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
+    m, n = pos.size, neg.size
+    if m < 2 or n < 2:
+        return float("nan")
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return float(np.sqrt(psi.mean(1).var(ddof=1) / m + psi.mean(0).var(ddof=1) / n))
+
+
+def paper_auc_reference(clean_scores, adv_scores, labels, clean_pred, adv_pred):
+    """The paper's Table 2 protocol, one index at a time: keep i when clean_pred[i] ==
+    labels[i] != adv_pred[i]; AUC of the kept clean scores (positive, normal) against the
+    kept adversarial scores by scikit-learn's roc_auc_score. Returns (n kept, AUC), the
+    AUC nan when nothing is kept. Arguments: 1-D NumPy arrays."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    pos, neg = [], []
+    for i in range(len(labels)):
+        if clean_pred[i] == labels[i] and adv_pred[i] != labels[i]:
+            pos.append(float(clean_scores[i]))
+            neg.append(float(adv_scores[i]))
+    if not pos:
+        return 0, float("nan")
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    return len(pos), float(roc_auc_score(y, np.r_[pos, neg]))
+
+
+def detection_rates_reference(clean, adv, fprs):
+    """Brute-force rates of rce_fast.detect.detection_metrics (scores higher = more normal,
+    an input flagged when its score is below a threshold): (FPR at 95% TPR, {f: TPR at FPR
+    f}, {f: threshold}). Every threshold t in the scores and +inf is tried:
+    - FPR at 95% TPR: the smallest share of clean scores <= s over the score values s
+      with a share of adversarial scores <= s of at least 0.95;
+    - threshold at f: the largest t with a share of clean scores below t of at most f;
+    - TPR at f: the largest share of adversarial scores below t over those t."""
+    import numpy as np
+    clean, adv = np.asarray(clean, np.float64), np.asarray(adv, np.float64)
+    values = np.unique(np.concatenate([clean, adv]))
+    fpr95 = min(float(np.sum(clean <= s) / len(clean)) for s in values
+                if np.sum(adv <= s) / len(adv) >= 0.95)
+    cands = np.concatenate([values, [np.inf]])
+    tpr, thr = {}, {}
+    for f in fprs:
+        ok = [t for t in cands if np.sum(clean < t) / len(clean) <= f]
+        thr[f] = float(max(t for t in ok if t == np.inf or t in clean))
+        tpr[f] = max(float(np.sum(adv < t) / len(adv)) for t in ok)
+    return fpr95, tpr, thr

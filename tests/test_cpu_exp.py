@@ -189,16 +189,19 @@ def test_primitives_are_differentiable():
 # ------------------------------------------------- the paths built on the primitives
 
 def _rce_unclamped(z, y, grad_rows):
-    """The RCE loss's PyTorch path as it was (one chunk, T = 1, no ignored rows), with
-    torch.logsumexp and torch.exp, operation for operation."""
+    """The RCE loss's PyTorch path (one chunk, T = 1, no ignored rows) with
+    torch.logsumexp and torch.exp, operation for operation. The gradient's label entry
+    is p_y itself (R_y = 0), flushed to 0 below the normal range as exp_flush does."""
     num_classes = z.shape[1]
     inv_lm1 = 1.0 / (num_classes - 1)
     lse = torch.logsumexp(z, 1)
     off_label = z.sum(1) - z.gather(1, y[:, None]).squeeze(1)
     rows = torch.sub(lse, off_label, alpha=inv_lm1)
     g = grad_rows * 1.0
-    grad = (z - lse[:, None]).exp_().sub_(inv_lm1).mul_(g[:, None])
-    grad.scatter_add_(1, y[:, None], (g * inv_lm1)[:, None])
+    p = (z - lse[:, None]).exp_()
+    p_label = p.gather(1, y[:, None])
+    p_label = torch.where(p_label < TINY[z.dtype], 0.0, p_label)
+    grad = p.sub_(inv_lm1).scatter_(1, y[:, None], p_label).mul_(g[:, None])
     return rows, lse, grad
 
 

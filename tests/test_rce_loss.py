@@ -215,6 +215,46 @@ def test_gradient_is_softmax_minus_reverse_label(on_backend):
     torch.testing.assert_close(zz.grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def _tiny_label_probability_logits(n, num_classes, p_label, seed):
+    """(n, L) float64 logits whose label class has probability ~``p_label``: the label's
+    logit 0, the others log((1 - p) / (p (L - 1))) plus a little noise (the state RCE
+    training drives towards: the label the least likely class)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    high = math.log((1 - p_label) / (p_label * (num_classes - 1)))
+    z = high + 0.5 * torch.randn(n, num_classes, generator=g, dtype=torch.float64)
+    return z.scatter_(1, y[:, None], 0.0), y
+
+
+@pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("num_classes", [10, 40], ids=lambda c: f"L{c}")  # C++: both kernels
+@pytest.mark.parametrize("reduction", ["none", "mean"])  # per-row and uniform upstream
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+def test_gradient_label_entry_keeps_a_tiny_probability(on_backend, num_classes, reduction,
+                                                       create_graph):
+    """The label's gradient entry is g p_y (R_y is 0 there). Forming it as
+    (p_y - 1/(L-1)) + 1/(L-1) rounds it to a multiple of ulp(1/(L-1)), 0 for p_y ~1e-12:
+    the one entry that keeps pushing the label's logit down would vanish. It must be
+    nonzero and match float64 to the relative error that rounding lse (|lse| ~ 26 here,
+    an ulp of 2e-6 in float32) leaves in p_y."""
+    device, backend = on_backend
+    z64, y = _tiny_label_probability_logits(13, num_classes, 1e-12, seed=num_classes)
+    cases = [(torch.float32, 1e-5)] + ([] if backend == "triton" else [(torch.float64, 1e-12)])
+    for dtype, rtol in cases:  # (no float64 Triton kernels)
+        zz = z64.to(dtype).to(device).requires_grad_(True)
+        loss = rce_fast.rce_loss(zz, y.to(device), reduction=reduction, temperature=1.0)
+        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype, device=device)
+        (grad,) = torch.autograd.grad(loss, zz, up.reshape(loss.shape),
+                                      create_graph=create_graph)
+        weight = up.double().cpu() if reduction == "none" else up.double().cpu() / len(y)
+        p = torch.softmax(z64, 1)
+        expected = (p.gather(1, y[:, None]) * weight.expand(len(y))[:, None]).squeeze(1)
+        assert (expected > 0.5e-12 * weight.min()).all()  # the case is what it says
+        got = grad.detach().double().cpu().gather(1, y[:, None]).squeeze(1)
+        assert (got != 0).all(), f"{dtype}: label entries rounded to 0: {got.tolist()}"
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=0.0)
+
+
 def test_gradcheck_float64():
     z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 4, -100, 2, 1, 3])

@@ -102,7 +102,13 @@ def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None 
     acc = acc_dtype(bank.dtype)
     order = torch.argsort(compact, stable=True)
     sums = torch.zeros(len(classes), bank.shape[1], dtype=acc, device=bank.device)
-    sums.index_add_(0, compact, bank.to(acc))
+    # The centres are constants for autograd: the distances, and so K-density, do not
+    # depend on them (a bank row and a query of its class move by the same centre), so
+    # their exact gradient is 0. Differentiating through the class mean would add sums
+    # of gradients that cancel only up to rounding, spread over every row of the class
+    # (absolute noise where a row's true gradient is ~0; NaN from inf - inf where a
+    # float16 gradient overflows).
+    sums.index_add_(0, compact, bank.detach().to(acc))
     centers = sums / counts.unsqueeze(1).to(acc)
     centred = (bank[order].to(acc) - centers[compact[order]]).to(bank.dtype)
     return BankIndex(centred, _offsets(counts), counts, centers, c, classes,
