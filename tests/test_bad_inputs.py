@@ -801,7 +801,7 @@ def _untouched_calls():
             torch.rand(6), torch.rand(6), s().t.clone()),
         "LID-Maha": lambda: (lambda mdl, xx: ([mdl, xx], lambda: (
             s().lid.score(mdl, xx), s().maha.score(mdl, xx, batch_size=4),
-            s().lid.detect(mdl, xx, threshold=0.0))))(_train_mode_model() if False else s().model, s().x.clone()),
+            s().lid.detect(mdl, xx, threshold=0.0))))(s().model, s().x.clone()),
         "Guarded": lambda: (lambda g, xx: ([g.classifier, xx], lambda: g(xx).sum()))(s().guarded, s().x.clone()),
         "fgsm": lambda: _attack(lambda mdl, xx, y: A.fgsm(mdl, xx, [0.1, 0.2], labels=y)),
         "bim": lambda: _attack(lambda mdl, xx, y: A.bim(mdl, xx, 0.1, steps=2, labels=y)),
