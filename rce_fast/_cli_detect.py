@@ -166,7 +166,10 @@ def _fit_detector(args) -> int:
     from .detect.bundle import save_detector
     from .train import load_classifier
 
+    from .resume import check_output_file
+
     device = _device(args.device)
+    check_output_file(args.out, "--out")  # before any work
     model = load_classifier(args.checkpoint, device)
     x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
     n = len(x_tr)
@@ -313,9 +316,13 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path) -> in
     from .streaming import check_layout, choose_scale, open_array, scan_range, to_model_images
     from .train import load_classifier
 
+    from .resume import check_output_file
+
     error = None
     try:
         device = _device(args.device)
+        if rank == 0:
+            check_output_file(out, "--out")  # before any work
         model = load_classifier(args.checkpoint, device)
         file = load_detector(args.detector, device)
         check_model(file, model, f" {args.detector}")
@@ -425,7 +432,8 @@ def run_attack(args, model, x, y, device) -> int:
                "detector": args.detector, "threshold": threshold,
                "info": {k: v.cpu() if torch.is_tensor(v) else v
                         for k, v in info.as_dict().items()}}
-    torch.save(payload, args.out)
+    from ._io import atomic_torch_save
+    atomic_torch_save(payload, args.out)
     with torch.no_grad():
         pred = model.predict(adv).cpu()
     wrong = (pred != y).double()

@@ -35,7 +35,13 @@ def safe_torch_load(path, what: str, map_location="cpu", mmap: bool = False):
     import torch
     p = check_readable(path, what)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and "mmap" in str(exc)):
+                raise
+            # a legacy (non-zip) torch file cannot be memory-mapped: read it whole
+            return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip errors, pickle errors, unsupported globals, truncation
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):

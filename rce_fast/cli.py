@@ -72,8 +72,16 @@ def _add_resume_options(parser, what: str) -> None:
                    help=f"discard the {what} in --out and start over")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with every usage error on ONE line of stderr (exit status 2), like every
+    other user error of the command line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rce-fast",
         description="Reverse cross-entropy training and K-density detection of adversarial "
                     "examples (Pang et al., NeurIPS 2018), GPU-accelerated.")
@@ -199,17 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name):
+    """The --device option as a torch.device; ValueError (one line, exit status 2) for a
+    string that is no device or a device that is not on this machine."""
     import os
 
     import torch
+
+    from ._args import check_device
     if name is None:
         if torch.cuda.is_available():  # under torchrun each rank takes its own GPU
             return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"rce-fast: --device {name}: no CUDA device is available")
-    return dev
+    return check_device(name, "--device")
 
 
 def main(argv=None) -> int:
@@ -304,6 +313,8 @@ def _run(args, budget) -> int:
         return 0
 
     from .train import load_classifier
+    if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
+        check_output_file(args.json, "--json")
     model = load_classifier(args.checkpoint, device)
     if args.command == "attack":
         from . import attacks as A
@@ -331,9 +342,10 @@ def _run(args, budget) -> int:
         print(f"{args.attack}: {args.n} examples, {wrong:.1f}% misclassified -> {args.out}")
         return 0
 
-    # evaluate
+    # evaluate: every --adversarial file is read (safely) and checked before any work
     from .detect import KDensityDetector, confidence, non_me, paper_auc
     from .train import evaluate_error
+    adversarial = [(path, _load_adversarial(path, x_te)) for path in args.adversarial]
     result = {"checkpoint": args.checkpoint, "test_error": evaluate_error(model, x_te, y_te),
               "attacks": {}}
     with torch.no_grad():
@@ -348,16 +360,40 @@ def _run(args, budget) -> int:
         return pred.cpu(), {"confidence": confidence(z).cpu(), "non-ME": non_me(z).cpu(),
                             "K-density": det.score(f, pred).cpu()}
 
-    for path in args.adversarial:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        n = saved["n"]
+    for path, (n, x_adv) in adversarial:
         clean_pred, clean = scores(x_te[:n])
-        adv_pred, adv = scores(saved["x_adv"])
+        adv_pred, adv = scores(x_adv)
         result["attacks"][path] = paper_auc(clean, adv, y_te[:n], clean_pred, adv_pred)
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from ._io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
+
+
+def _load_adversarial(path, x_test):
+    """(n, x_adv) from a file of `rce-fast attack`, loaded with weights_only=True (a
+    crafted file cannot run code) and checked: one ValueError naming the path."""
+    import torch
+
+    from ._io import require_keys, safe_torch_load
+    from ._torch_impl import all_finite
+
+    what = "adversarial examples written by `rce-fast attack`"
+    saved = require_keys(safe_torch_load(path, what), ("x_adv", "n"), path, what)
+    x_adv, n = saved["x_adv"], saved["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(x_test):
+        raise ValueError(f"{path}: n must be an int in [1, {len(x_test)}] (the test images "
+                         f"attacked), got {n!r}")
+    if not isinstance(x_adv, torch.Tensor) or not x_adv.dtype.is_floating_point or \
+            tuple(x_adv.shape) != (n, *x_test.shape[1:]):
+        raise ValueError(f"{path}: x_adv must be a float tensor of shape "
+                         f"{(n, *x_test.shape[1:])} (n images of this dataset), got "
+                         f"{getattr(x_adv, 'dtype', type(x_adv).__name__)} "
+                         f"{tuple(getattr(x_adv, 'shape', ()))}")
+    if not all_finite(x_adv):
+        raise ValueError(f"{path}: x_adv contains NaN or inf values")
+    return n, x_adv
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ MNIST_FILES = {
 }
 
 
-class DatasetError(FileNotFoundError):
-    """A dataset file is missing or corrupt (the message names the path)."""
+class DatasetError(FileNotFoundError, ValueError):
+    """A dataset file is missing or corrupt (the message names the path). It is both a
+    ``FileNotFoundError`` (as before) and a ``ValueError``, so a corrupt or foreign file
+    is caught as the bad input it is."""
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -121,6 +123,17 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
     """Your own data: an .npz with ``x_train, y_train, x_test, y_test`` or ``images,
     labels`` (split here). Images (N, H, W) or (N, C, H, W) or (N, H, W, C) for C in
     {1, 3}; uint8 (0..255) or floats in [0, 1] or [-0.5, 0.5]; scaled to [-0.5, 0.5]."""
+    import numbers
+
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise TypeError(f"test_fraction must be a number in (0, 1), got "
+                        f"{type(test_fraction).__name__}")
+    if not (0.0 < test_fraction < 1.0):  # NaN fails too
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if scale not in ("auto", "uint8", "unit", "centered"):
+        raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"data file {path} not found (expected an .npz with x_train, "
@@ -130,10 +143,20 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
         keys = set(z.files)
     except Exception as exc:
         raise DatasetError(f"corrupt or unreadable .npz {path}: {exc}") from exc
+    def member(key):
+        try:
+            return z[key]
+        except Exception as exc:  # pickled objects (refused), a truncated or bad member
+            raise DatasetError(f"corrupt or unreadable .npz {path}: member {key!r}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else exc!r}"
+                               ) from None
+
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        parts = [z["x_train"], z["y_train"], z["x_test"], z["y_test"]]
+        parts = [member(k) for k in ("x_train", "y_train", "x_test", "y_test")]
     elif {"images", "labels"} <= keys:
-        x, y = z["images"], z["labels"]
+        x, y = member("images"), member("labels")
+        if len(x) != len(y):
+            raise DatasetError(f"{path}: images and labels have different lengths")
         rng = np.random.default_rng(seed)
         perm = rng.permutation(len(x))
         cut = int(round(len(x) * (1 - test_fraction)))
@@ -145,7 +168,8 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
     for i, arr in enumerate(parts):
         if i % 2:  # labels
             arr = np.asarray(arr)
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or \
+                    (arr.size and arr.min() < 0):
                 raise DatasetError(f"{path}: labels must be a 1-d array of class indices >= 0")
             out.append(torch.from_numpy(arr.astype(np.int64)))
         else:

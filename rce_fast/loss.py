@@ -110,6 +110,8 @@ class RCELoss(nn.Module):
         if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
                 and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.temperature = float(temperature)

@@ -394,6 +394,16 @@ def check_output_file(path, label: str = "--out") -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     _make_folder(folder, label, path)
     _probe_folder(folder, label, path)
+    if not path.exists():  # the name itself (too long, not allowed by the filesystem)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            raise ValueError(f"{label} {path}: cannot be created "
+                             f"({exc.strerror or exc})") from None
+        os.close(fd)
+        os.unlink(path)
+    elif not os.access(path, os.W_OK):
+        raise ValueError(f"{label} {path}: exists and is not writable")
     return path
 
 

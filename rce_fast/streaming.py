@@ -151,9 +151,12 @@ def open_array(path, key: str | None = None) -> ArraySource:
     first of :data:`DEFAULT_KEYS` present (``x_adv`` first: the files of ``rce-fast
     attack`` open as they are), or the only array.
     """
+    from ._io import check_readable, safe_torch_load
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"input file {path} not found")
+    check_readable(path, "images: .npy, .npz or .pt")  # a folder, an empty file
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -162,10 +165,7 @@ def open_array(path, key: str | None = None) -> ArraySource:
         if suffix == ".npz":
             return _npz_member(path, key)
         if suffix in (".pt", ".pth"):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # a legacy (non-zip) torch file cannot be mapped
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = safe_torch_load(path, "images (a tensor, or a dict of tensors)", mmap=True)
             if isinstance(obj, dict):
                 tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
                 obj = obj[_pick(tensors, key, path)]
@@ -176,10 +176,14 @@ def open_array(path, key: str | None = None) -> ArraySource:
             if obj.dtype == torch.bfloat16:
                 raise ValueError(f"{path}: bfloat16 images are not supported; save float32")
             return _Mapped(obj.numpy(), f"{path} (memory-mapped)")
-    except (ValueError, FileNotFoundError):
+    except FileNotFoundError:
         raise
-    except Exception as exc:
-        raise ValueError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # numpy's and zipfile's errors do not name the file
+        text = str(exc).strip()
+        if isinstance(exc, ValueError) and str(path) in text:
+            raise
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise ValueError(f"cannot read {path}: {first}") from None
     raise ValueError(f"input file {path} must be .npy, .npz or .pt, got {suffix!r}")
 
 

@@ -10,6 +10,8 @@ same global batch of 128).
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,9 +22,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import _torch_impl
+from ._args import check_device, check_has_data
 from .data import augment_cifar
 from .loss import rce_loss
 from .models import Classifier, build_model
+from ._io import safe_torch_load
 from .resume import (ResumeMismatch, StopRequested, atomic_torch_save, check_output_file,
                      settings_diff)
 
@@ -52,14 +56,43 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        from .models import MODELS
         if self.objective not in ("ce", "rce"):
             raise ValueError(f"objective must be 'ce' or 'rce', got {self.objective!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("steps must be >= 0 and batch_size >= 1")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("checkpoint_every", 1),
+                              ("seed", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        for name in ("lr_boundaries", "lr_values"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                raise TypeError(f"{name} must be a list of numbers, got {type(value).__name__}")
         if len(self.lr_values) != len(self.lr_boundaries) + 1:
             raise ValueError("lr_values needs exactly one more entry than lr_boundaries")
-        if list(self.lr_boundaries) != sorted(self.lr_boundaries):
-            raise ValueError("lr_boundaries must be increasing")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or
+               not (0 < v < math.inf) for v in self.lr_values):
+            raise ValueError(f"lr_values must be finite numbers > 0, got {self.lr_values}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+               for v in self.lr_boundaries) or \
+                list(self.lr_boundaries) != sorted(self.lr_boundaries):
+            raise ValueError("lr_boundaries must be increasing step numbers")
+        for name, lo, hi in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
+                             ("temperature", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            ok = (lo < value < hi) if name == "temperature" else (lo <= value < hi)
+            if name == "momentum":
+                ok = 0.0 <= value <= 1.0
+            if not (math.isfinite(value) and ok):
+                raise ValueError(f"{name} must be a finite number "
+                                 f"{'> 0' if name == 'temperature' else '>= 0'}"
+                                 f"{' and <= 1' if name == 'momentum' else ''}, got {value}")
 
     def lr_at(self, step: int) -> float:
         for boundary, value in zip(self.lr_boundaries, self.lr_values):
@@ -198,6 +231,42 @@ def _agree(n: int, interrupted: bool, world: int, device: torch.device) -> tuple
     return int(t[0]), bool(flag[0])
 
 
+def _check_train_args(config, x_train, y_train, num_classes) -> None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(x_train, torch.Tensor):
+        raise TypeError(f"x_train must be a torch.Tensor of images, got "
+                        f"{type(x_train).__name__}")
+    if not x_train.dtype.is_floating_point:
+        raise TypeError(f"x_train must be a floating-point tensor, got {x_train.dtype}")
+    if x_train.dim() != 4 or len(x_train) == 0:
+        raise ValueError(f"x_train must be a non-empty batch of images (N, C, H, W), got "
+                         f"{tuple(x_train.shape)}")
+    check_has_data(x_train, "x_train")
+    if not _torch_impl.all_finite(x_train):
+        raise ValueError("x_train contains NaN or inf values")
+    if not isinstance(y_train, torch.Tensor):
+        raise TypeError(f"y_train must be a torch.Tensor of class indices, got "
+                        f"{type(y_train).__name__}")
+    if y_train.dtype.is_floating_point or y_train.dtype.is_complex or \
+            y_train.dtype == torch.bool:
+        raise TypeError(f"y_train must be an integer tensor of class indices, got "
+                        f"{y_train.dtype}")
+    if tuple(y_train.shape) != (len(x_train),):
+        raise ValueError(f"y_train must have shape ({len(x_train)},) like x_train, got "
+                         f"{tuple(y_train.shape)}")
+    check_has_data(y_train, "y_train")
+    lo, hi = (int(v) for v in torch.aminmax(y_train))
+    if lo < 0:
+        raise ValueError(f"y_train holds a negative class index ({lo})")
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+        if num_classes < 2 or hi >= num_classes:
+            raise ValueError(f"num_classes must be >= 2 and above every label (y_train "
+                             f"holds class {hi}), got {num_classes}")
+
+
 def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
           device: str | torch.device | None = None, num_classes: int | None = None,
           resume: bool = True, *, force_resume: bool = False, budget=None,
@@ -218,17 +287,15 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     model only (no optimizer or sampler state: it cannot be trained further, but it is
     half the size). Under torchrun every rank runs this same call.
     """
+    _check_train_args(config, x_train, y_train, num_classes)
     world, rank, local = _distributed()
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda":
         # Make the rank's GPU the current one: kernels launched outside a device guard
         # (and NCCL) use the current device, which is cuda:0 on every rank otherwise.
         torch.cuda.set_device(device)
-    if x_train.dim() != 4 or len(x_train) != len(y_train) or len(x_train) == 0:
-        raise ValueError(f"x_train must be (N, C, H, W) with matching y_train; got "
-                         f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
     num_classes = int(y_train.max()) + 1 if num_classes is None else num_classes
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -361,13 +428,11 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
 def _load_checkpoint(path: Path) -> dict:
     """The checkpoint's dict, on the CPU: the RNG states must stay CPU tensors (and
     load_state_dict moves weights and optimizer state to the parameters' device)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear error
-        raise ValueError(f"checkpoint {path} cannot be read as an rce_fast checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    state = safe_torch_load(path, "an rce_fast training checkpoint (rce-fast train)")
     if not isinstance(state, dict) or not {"model", "config", "step", "in_channels",
-                                           "num_classes"} <= set(state):
+                                           "num_classes"} <= set(state) or \
+            not isinstance(state["config"], dict) or \
+            not {"model", "objective"} <= set(state["config"]):
         raise ValueError(f"checkpoint {path} is not an rce_fast training checkpoint "
                          "(expected the dict written by rce_fast.train)")
     return state
@@ -393,13 +458,18 @@ def save_checkpoint(path, net, opt, sampler, aug_g, history, step, config, in_ch
 def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
     """A Classifier (eval mode) from a checkpoint written by :func:`train`."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    device = check_device(device)
     state = _load_checkpoint(path)
     cfg = state["config"]
-    net = build_model(cfg["model"], state["in_channels"], state["num_classes"]).to(device)
-    net.load_state_dict(state["model"])
-    return Classifier(net, cfg["objective"]).eval()
+    try:
+        net = build_model(cfg["model"], int(state["in_channels"]), int(state["num_classes"]))
+        net.load_state_dict(state["model"])
+        model = Classifier(net, cfg["objective"])
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {path}: its weights do not fit the network it names "
+                         f"({cfg.get('model')!r}): {first[:200]}") from None
+    return model.to(device).eval()
 
 
 @torch.no_grad()

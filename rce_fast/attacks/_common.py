@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from .._args import check_has_data, check_seed, move_to
 from .._torch_impl import all_finite
 
 
@@ -50,6 +51,7 @@ def check_images(x, name: str = "x") -> None:
         raise ValueError(f"{name} must be a batch of shape (B, ...), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
+    check_has_data(x, name)
     if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
@@ -74,6 +76,21 @@ def check_positive(value, name: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def check_start(init, x: Tensor, name: str = "init") -> None:
+    """A starting point for ``x``: a finite floating tensor of x's shape on x's device."""
+    if not isinstance(init, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor like x, got {type(init).__name__}")
+    if not init.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {init.dtype}")
+    if init.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got "
+                         f"{tuple(init.shape)}")
+    if init.device != x.device:
+        raise ValueError(f"{name} is on {init.device}, expected {x.device} like x")
+    if not all_finite(init):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
 def check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -82,7 +99,7 @@ def check_int(value, name: str, minimum: int) -> int:
 
 def generator_for(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(0 if seed is None else int(seed))
+    g.manual_seed(0 if seed is None else check_seed(seed))
     return g
 
 
@@ -110,14 +127,30 @@ def resolve_target(target, logits: Tensor, seed: int | None = 0, name: str = "ta
         raise TypeError(f"{name} must hold integer class indices, got {target.dtype}")
     if tuple(target.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(target.shape)}")
-    target = target.to(logits.device, torch.int64)
+    target = move_to(target, logits.device, name).long()
     if bool(((target < 0) | (target >= num_classes)).any()):
         raise ValueError(f"{name} holds classes outside [0, {num_classes})")
     return target
 
 
-def decision_logits(model, x: Tensor) -> Tensor:
-    out = model(x)
+def first_call(fn, x: Tensor, *args):
+    """``fn(x, *args)`` for the first model call of an attack: an error the model raises
+    on these inputs (inputs of another image size or layout, another dtype or device than
+    the model's) becomes a ValueError naming ``x`` and the model, not a raw torch error
+    from deep inside the network. Later calls see inputs of the same shape, dtype and
+    device, so they are not wrapped (out of memory is never wrapped)."""
+    try:
+        return fn(x, *args)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"the model cannot run on x (shape {tuple(x.shape)}, {x.dtype}, "
+                         f"{x.device}): {type(exc).__name__}: {first[:300]}") from exc
+
+
+def decision_logits(model, x: Tensor, first: bool = False) -> Tensor:
+    out = first_call(model, x) if first else model(x)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ValueError("model must return decision logits of shape (B, L); got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
@@ -148,6 +181,9 @@ def preserves_model_state(attack):
     """Decorator for attacks taking the model first: run it under :func:`model_in_eval_mode`."""
     @functools.wraps(attack)
     def run(model, *args, **kwargs):
+        if not callable(model):
+            raise TypeError(f"model must be a module (or callable) returning decision "
+                            f"logits (B, L), got {type(model).__name__}")
         with model_in_eval_mode(model):
             return attack(model, *args, **kwargs)
     return run

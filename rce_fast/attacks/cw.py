@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ..resume import pack_like, unpack_like
 from . import _cw_fused
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
-                      decision_logits, preserves_model_state, resolve_target)
+                      check_start, decision_logits, first_call, preserves_model_state,
+                      resolve_target)
 
 try:
     from torch.optim.adam import adam as _functional_adam
@@ -392,8 +393,10 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
     """
     lo, hi, bss, iters = _check_cw_args(x, kappa, c_init, binary_search_steps,
                                         max_iterations, lr, clip)
+    if init is not None:
+        check_start(init, x, "init")
     with torch.no_grad():
-        clean = decision_logits(model, x.detach())
+        clean = decision_logits(model, x.detach(), first=True)
     targeted = target is not None
     cls = resolve_target(target, clean, seed) if targeted else clean.argmax(1)
     adv, l2, c, _, _ = _cw_search(model, x, cls, targeted, float(kappa), float(c_init), bss,
@@ -435,18 +438,50 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
     """
     from rce_fast.detect import QueryPlan, kdensity_planned
 
+    from rce_fast.detect import KDensityDetector
+
     s1 = {"max_iterations": 5000, "c_init": 10.0, "binary_search_steps": 3}
     s2 = {"max_iterations": 10000, "c_init": 100.0, "binary_search_steps": 9}
-    if stage1 is not False:
-        s1.update(stage1 or {})
-    s2.update(stage2 or {})
+    for name, given, into in (("stage1", stage1, s1), ("stage2", stage2, s2)):
+        if given is None or (given is False and name == "stage1"):
+            continue
+        if not isinstance(given, dict):
+            raise TypeError(f"{name} must be a dict of max_iterations, c_init and "
+                            f"binary_search_steps{' (or False)' if name == 'stage1' else ''}"
+                            f", got {type(given).__name__}")
+        unknown = sorted(set(given) - set(into))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}; expected some of "
+                             f"{sorted(into)}")
+        into.update(given)
     lo, hi, bss2, iters2 = _check_cw_args(x, kappa, s2["c_init"], s2["binary_search_steps"],
                                           s2["max_iterations"], lr, clip)
+    if stage1 is not False:
+        _check_cw_args(x, kappa, s1["c_init"], s1["binary_search_steps"],
+                       s1["max_iterations"], lr, clip)
+    if not isinstance(detector, KDensityDetector):
+        raise TypeError("detector must be a fitted KDensityDetector (C&W-wb attacks "
+                        f"K-density), got {type(detector).__name__}")
+    if detector.index is None:
+        raise ValueError("detector is not fitted: call detector.fit(features, labels)")
     if detector.medians is None or detector.median_index is None:
         raise ValueError("detector has no class medians: call "
                          "detector.class_medians(train_features, train_labels) first")
+    if not callable(getattr(model, "logits_and_features", None)):
+        raise TypeError("model must expose logits_and_features(x) -> (decision logits, "
+                        "features) for C&W-wb (rce_fast.models.Classifier does), got "
+                        f"{type(model).__name__}")
     with torch.no_grad():
-        clean = decision_logits(model, x.detach())
+        clean, clean_feats = first_call(lambda t: logits_and_features(model, t), x.detach())
+    if clean_feats.dim() != 2 or clean_feats.shape[1] != detector.feature_dim:
+        raise ValueError(f"detector was fitted on features of size {detector.feature_dim} "
+                         f"but the model's features have shape {tuple(clean_feats.shape)}")
+    if clean.shape[1] != detector.num_classes:
+        raise ValueError(f"detector was fitted on {detector.num_classes} classes but the "
+                         f"model has {clean.shape[1]}")
+    if clean_feats.device != detector.index.bank.device:
+        raise ValueError(f"detector is on {detector.index.bank.device} but the model's "
+                         f"features are on {clean_feats.device}")
     cls = resolve_target(target, clean, seed)
     index = detector.median_index
     plan = QueryPlan(cls, index)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_impl
+from .._args import move_to
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
                       decision_logits, generator_for, preserves_model_state, resolve_target)
 
@@ -23,6 +24,9 @@ def _eps_list(eps) -> tuple[list[float], bool]:
     if isinstance(eps, Tensor):
         eps = eps.tolist()
     sweep = not isinstance(eps, numbers.Real)
+    if sweep and (isinstance(eps, (str, bytes)) or not hasattr(eps, "__iter__")):
+        raise TypeError(f"eps must be a number >= 0 or a sequence of them, got "
+                        f"{type(eps).__name__}")
     values = list(eps) if sweep else [eps]
     if sweep and len(values) == 0:
         raise ValueError("eps sweep is empty")
@@ -39,20 +43,20 @@ def _labels(model, x: Tensor, labels) -> Tensor:
     labels cost no extra forward pass)."""
     if labels is None:
         with torch.no_grad():
-            return decision_logits(model, x).argmax(1)
+            return decision_logits(model, x, first=True).argmax(1)
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or \
             labels.dtype == torch.bool:
         raise TypeError("labels must be an integer tensor of class indices")
     if tuple(labels.shape) != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-    return labels.to(x.device, torch.int64)
+    return move_to(labels, x.device, "labels").long()
 
 
 def _ce_grad_sign(model, x: Tensor, y: Tensor, check: bool = False) -> Tensor:
     """sign of grad_x CE(model(x), y); only x's gradient is computed (parameter gradients
     are skipped even when the parameters require grad)."""
     x = x.detach().requires_grad_(True)
-    z = decision_logits(model, x)
+    z = decision_logits(model, x, first=check)
     if check:
         lo, hi = (int(v) for v in torch.aminmax(y))
         if lo < 0 or hi >= z.shape[1]:
@@ -108,7 +112,7 @@ def fgsm(model, x: Tensor, eps, labels=None, clip=(-0.5, 0.5), return_info: bool
 def _iterative(model, x, eps, steps, step_size, y, targeted, project, clip):
     lo, hi = check_clip(clip)
     eps_values, sweep = _eps_list(eps)
-    steps = check_int(steps, "steps", 0)
+    steps = check_int(steps, "steps", 1)
     n_eps = len(eps_values)
     shape = [-1] + [1] * (x.dim() - 1)
     e = torch.tensor(eps_values, dtype=x.dtype, device=x.device).repeat_interleave(x.shape[0])
@@ -146,6 +150,11 @@ def bim(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None, 
     projects onto the L-inf eps-ball around x after every step.
     """
     check_images(x)
+    check_clip(clip)
+    _eps_list(eps)
+    check_int(steps, "steps", 1)
+    if step_size is not None:
+        check_positive(step_size, "step_size")
     y = _labels(model, x, labels)
     x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, y, False, project, clip)
     return _finish(x_adv, x, sweep, n_eps, model, y, False, return_info)
@@ -157,8 +166,13 @@ def ilcm(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None,
     """Iterative least-likely class method: ``steps`` targeted steps
     x - step_size * sign(grad CE(model(x), t)) towards the clean input's least-likely class."""
     check_images(x)
+    check_clip(clip)
+    _eps_list(eps)
+    check_int(steps, "steps", 1)
+    if step_size is not None:
+        check_positive(step_size, "step_size")
     with torch.no_grad():
-        target = decision_logits(model, x).argmin(1)
+        target = decision_logits(model, x, first=True).argmin(1)
     x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, target, True, project,
                                      clip)
     return _finish(x_adv, x, sweep, n_eps, model, target, True, return_info)

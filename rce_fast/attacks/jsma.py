@@ -1,11 +1,14 @@
 """Jacobian-based Saliency Map Attack (Papernot et al. 2016), pair version, batched."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _torch_impl
-from ._common import (AttackInfo, check_clip, check_images, decision_logits,
+from .._args import check_real, check_seed
+from ._common import (AttackInfo, check_clip, check_images, check_int, decision_logits,
                       preserves_model_state, resolve_target)
 
 
@@ -52,9 +55,10 @@ def jsma(model, x: Tensor, target="least_likely", theta: float = 1.0, gamma: flo
     """
     check_images(x)
     lo, hi = check_clip(clip)
-    theta = float(theta)
-    if not (theta == theta and theta != 0 and abs(theta) != float("inf")):
+    theta = check_real(theta, "theta")
+    if not (theta != 0 and math.isfinite(theta)):
         raise ValueError(f"theta must be a finite non-zero number, got {theta}")
+    gamma = check_real(gamma, "gamma")
     if not (0 < gamma <= 1):
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     batch = x.shape[0]
@@ -62,13 +66,12 @@ def jsma(model, x: Tensor, target="least_likely", theta: float = 1.0, gamma: flo
     increase = theta > 0
     budget = int(gamma * n) // 2  # two features per iteration
     if max_iterations is not None:
-        if int(max_iterations) < 0:
-            raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
-        budget = min(budget, int(max_iterations))
+        budget = min(budget, check_int(max_iterations, "max_iterations", 0))
+    check_seed(seed)
 
     x_adv = x.detach().reshape(batch, n).clone()
     with torch.no_grad():
-        clean = decision_logits(model, x.detach())
+        clean = decision_logits(model, x.detach(), first=True)
     target = resolve_target(target, clean, seed)
     domain = (x_adv < hi) if increase else (x_adv > lo)
     success = clean.argmax(1) == target

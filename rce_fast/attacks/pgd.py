@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._args import move_to
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
-                      decision_logits, generator_for, resolve_target, preserves_model_state)
+                      decision_logits, first_call, generator_for, preserves_model_state,
+                      resolve_target)
 
 _NORMS = ("linf", "l2")
 _LOSSES = ("ce", "margin")
@@ -132,7 +134,7 @@ def _check_common(x, eps, norm, steps, step_size, clip, default_step):
     eps = check_positive(eps, "eps")
     if norm not in _NORMS:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    steps = check_int(steps, "steps", 0)
+    steps = check_int(steps, "steps", 1)
     alpha = default_step(eps, steps) if step_size is None else check_positive(step_size,
                                                                              "step_size")
     return lo, hi, eps, steps, alpha
@@ -149,7 +151,7 @@ def _labels_and_target(clean: Tensor, labels, target, seed):
             raise TypeError("labels must be an integer tensor of class indices")
         if tuple(labels.shape) != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        y = labels.to(clean.device, torch.int64)
+        y = move_to(labels, clean.device, "labels").long()
         if bool(((y < 0) | (y >= num_classes)).any()):
             raise ValueError(f"labels holds classes outside [0, {num_classes})")
     t = None if target is None else resolve_target(target, clean, seed)
@@ -195,8 +197,9 @@ def pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 40,
         raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
     guarded = _guarded(model) is not None
     x0 = x.detach()
+    generator_for(seed, "cpu")  # checks the seed before any work
     with torch.no_grad():
-        clean = decision_logits(model, x0)
+        clean = decision_logits(model, x0, first=True)
     base = clean[:, :-1] if guarded else clean
     y, t = _labels_and_target(base, labels, target, seed)
     targeted = t is not None
@@ -292,14 +295,16 @@ def orthogonal_pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int 
     """
     guarded = _guarded(model)
     if guarded is None:
-        raise TypeError("orthogonal_pgd needs a rce_fast.detect.GuardedClassifier (classifier, "
-                        f"detector and threshold), got {type(model).__name__}")
+        raise TypeError("model must be a rce_fast.detect.GuardedClassifier (classifier, "
+                        "detector and threshold) for orthogonal_pgd, got "
+                        f"{type(model).__name__}")
     lo, hi, eps, steps, alpha = _check_common(x, eps, norm, steps, step_size, clip,
                                               lambda e, s: e / 8.0)
     margin = check_positive(margin, "margin", allow_zero=True)
     x0 = x.detach()
+    generator_for(seed, "cpu")  # checks the seed before any work
     with torch.no_grad():
-        clean, _ = guarded.logits_and_score(x0)
+        clean, _ = first_call(guarded.logits_and_score, x0)
     y, t = _labels_and_target(clean, labels, target, seed)
     targeted = t is not None
     thr = guarded.threshold

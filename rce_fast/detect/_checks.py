@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from .._args import check_has_data
 from .._torch_impl import all_finite
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -21,6 +22,7 @@ def _check_features(x, name: str, dim: int | None = None) -> None:
         raise ValueError(f"{name} must have shape (rows, D), got {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has feature size {x.shape[1]}, expected {dim} (the bank's)")
+    check_has_data(x, name)
     if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
@@ -35,6 +37,7 @@ def _check_labels(y, name: str, rows: int, device) -> None:
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} is on {y.device}, expected {device} like the features")
+    check_has_data(y, name)
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"{name} holds a negative class index ({int(y.min())})")
 

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._io import atomic_torch_save, safe_torch_load
+from .._args import check_device, check_has_data, check_real
+from .._io import atomic_torch_save, check_writable, safe_torch_load
 from .._torch_impl import all_finite
 from .rates import threshold_at_fpr
 
@@ -27,6 +28,7 @@ def check_inputs(x, name: str) -> None:
         raise ValueError(f"{name} must be a batch of shape (B, ...), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    check_has_data(x, name)
     if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
@@ -92,6 +94,7 @@ class LayerDetector:
     kind = "layer"
 
     threshold: float | None = None
+    input_shape: tuple | None = None   # the shape of one input the detector was fitted on
 
     def _require_fit(self) -> None:
         if not getattr(self, "fitted", False):
@@ -114,6 +117,9 @@ class LayerDetector:
         self._require_fit()
         check_model(model)
         check_inputs(x, "x")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x has inputs of shape {tuple(x.shape[1:])}, the detector was "
+                             f"fitted on inputs of shape {self.input_shape}")
         if batch_size is None:
             return self.score_inputs(model, x.to(model_device(model)))[1]
         batch_size = check_int(batch_size, "batch_size", 1)
@@ -137,7 +143,7 @@ class LayerDetector:
                batch_size: int = 512) -> Tensor:
         """Boolean "adversarial" decision per input: score below the threshold."""
         self._require_fit()
-        thr = self.threshold if threshold is None else threshold
+        thr = self.threshold if threshold is None else check_real(threshold, "threshold")
         if thr is None:
             raise RuntimeError("no threshold: pass threshold= or call fit_threshold first")
         return self.score(model, x, batch_size=batch_size) < thr
@@ -146,6 +152,7 @@ class LayerDetector:
     def save(self, path) -> None:
         """Write the fitted detector (tensors and plain numbers; no pickled objects)."""
         self._require_fit()
+        check_writable(path, "detector")
         state = self.state_dict()
         state["kind"] = self.kind
         atomic_torch_save(state, path)
@@ -154,13 +161,14 @@ class LayerDetector:
     def load(cls, path, device: str | torch.device = "cpu"):
         """Read a detector written by :meth:`save` (``weights_only=True``: no code runs)."""
         path = Path(path)
+        device = check_device(device)
         state = safe_torch_load(path, f"a {cls.__name__} file ({cls.__name__}.save)")
         if not isinstance(state, dict) or state.get("kind") != cls.kind:
             found = state.get("kind") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{path} does not hold a {cls.__name__} (kind {found!r})")
         try:
-            return cls._from_state(state, torch.device(device))
-        except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            return cls._from_state(state, device)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as exc:
             raise ValueError(f"{path}: not a valid {cls.__name__} file ({type(exc).__name__}: "
                              f"{exc})") from None
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._io import atomic_torch_save, safe_torch_load
+from .._args import check_device
+from .._io import atomic_torch_save, check_writable, safe_torch_load
 from .kd_detector import KDensityDetector
 from .lid import LIDDetector
 from .mahalanobis import MahalanobisDetector
@@ -85,6 +86,7 @@ def save_detector(path, detector, calibration_scores=None, fpr: float | None = N
         meta: extra strings / numbers to keep (checkpoint path, dataset, ...).
     """
     kind = _kind_of(detector)
+    check_writable(path, "detector")
     state = detector.state_dict()
     state.pop("kind", None)
     cal = None
@@ -112,11 +114,19 @@ def _kdensity_from_state(state: dict, device, kernel_points: int | None,
 def load_detector(path, device: str | torch.device = "cpu") -> DetectorFile:
     """Read a file of :func:`save_detector` (or of a detector's own ``save``)."""
     path = Path(path)
+    device = check_device(device)
     payload = safe_torch_load(path, "a detector file (rce-fast fit-detector, or a "
                                     "detector's save)")
     if not isinstance(payload, dict):
         raise ValueError(f"{path} does not hold a detector (found {type(payload).__name__})")
-    device = torch.device(device)
+    try:
+        return _detector_file(path, payload, device)
+    except (KeyError, TypeError, AttributeError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{path}: not a valid detector file ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
+
+
+def _detector_file(path: Path, payload: dict, device: torch.device) -> DetectorFile:
     if payload.get("format") == FORMAT:
         kind, state = payload["kind"], payload["state"]
         info = dict(calibration_scores=payload["calibration_scores"],

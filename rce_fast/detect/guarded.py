@@ -22,6 +22,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from .._args import check_real
 from .kd_detector import KDensityDetector
 from .kdensity import BankIndex, QueryPlan, kdensity_planned
 from .scoring import check_detector, score_inputs
@@ -74,9 +75,7 @@ class GuardedClassifier(nn.Module):
             if threshold is None:
                 raise ValueError("threshold is None and the detector has none: pass "
                                  "threshold= or call detector.fit_threshold first")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or \
-                math.isnan(threshold):
-            raise ValueError(f"threshold must be a number, got {threshold!r}")
+        threshold = check_real(threshold, "threshold")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
                 not (0 < scale < math.inf):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
@@ -106,8 +105,8 @@ class GuardedClassifier(nn.Module):
                                  f"detector's bank has {index.num_classes}")
             if feats.dim() != 2 or feats.shape[1] != index.bank.shape[1]:
                 raise ValueError(f"the classifier's features have shape "
-                                 f"{tuple(feats.shape)}, the detector's bank "
-                                 f"{tuple(index.bank.shape)}")
+                                 f"{tuple(feats.shape)} but the detector was fitted on "
+                                 f"features of size {index.bank.shape[1]}")
             if feats.device != index.bank.device:
                 raise ValueError(f"the features are on {feats.device} but the detector's "
                                  f"bank is on {index.bank.device}")

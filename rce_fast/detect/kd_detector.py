@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from .._args import check_real, check_seed
 from ._checks import _check_features, _check_labels, _check_sigma2
 from .kdensity import BankIndex, build_bank_index, kdensity_indexed
 from .metrics import threshold_for_fpr
@@ -63,7 +64,7 @@ class KDensityDetector:
         self.sigma2 = _check_sigma2(DEFAULT_SIGMA2[objective] if sigma2 is None else sigma2)
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"per_class must be a positive int, got {per_class!r}")
-        self.per_class, self.seed, self.objective = per_class, int(seed), objective
+        self.per_class, self.seed, self.objective = per_class, check_seed(seed), objective
         self.index: BankIndex | None = None
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
@@ -138,7 +139,8 @@ class KDensityDetector:
                              f"on {self.index.bank.device}")
         if batch_size is None:
             return kdensity_indexed(features.to(self.index.bank.dtype), predicted_classes,
-                                    self.index, self.sigma2)
+                                    self.index, self.sigma2,
+                                    names=("features", "predicted_classes"))
         batch_size = _check_count(batch_size, "batch_size")
         parts = [self.score(f, p) for f, p in zip(features.split(batch_size),
                                                   predicted_classes.split(batch_size))]
@@ -161,7 +163,7 @@ class KDensityDetector:
         _check_labels(labels, "labels", features.shape[0], features.device)
         self.median_index = self._median_index(kernel_points)
         scores = kdensity_indexed(features.to(self.bank.dtype), labels, self.median_index,
-                                  self.sigma2)
+                                  self.sigma2, names=("features", "labels"))
         ids = self.index.compact(labels, "labels")
         medians = torch.full((len(self.index.classes),), float("nan"), dtype=scores.dtype,
                              device=scores.device)
@@ -182,21 +184,28 @@ class KDensityDetector:
         if self.medians is None:
             raise RuntimeError("no class medians: call class_medians(train_features, "
                                "train_labels) first")
+        if not isinstance(classes, Tensor) or classes.dtype.is_floating_point or \
+                classes.dtype.is_complex or classes.dtype == torch.bool:
+            raise TypeError("classes must be an integer tensor of class labels, got "
+                            f"{getattr(classes, 'dtype', type(classes).__name__)}")
         return self.medians.to(classes.device)[self.index.compact(classes, "classes")]
 
     # -- thresholds and decisions
     def fit_threshold(self, clean_features: Tensor, clean_predictions: Tensor,
                       fpr: float = 0.05) -> float:
         """Threshold on log K-density flagging a fraction ``fpr`` of clean inputs."""
-        if not (0.0 <= fpr <= 1.0):
-            raise ValueError(f"fpr must be in [0, 1], got {fpr}")
-        self.threshold = threshold_for_fpr(self.score(clean_features, clean_predictions), fpr)
+        from .rates import _check_fpr
+        fpr = _check_fpr(fpr)
+        scores = self.score(clean_features, clean_predictions)
+        if scores.numel() == 0:
+            raise ValueError("clean_features is empty: a threshold needs clean inputs")
+        self.threshold = threshold_for_fpr(scores, fpr)
         return self.threshold
 
     def detect(self, features: Tensor, predicted_classes: Tensor,
                threshold: float | None = None, batch_size: int = 65536) -> Tensor:
         """Boolean "adversarial" decision per row: log K-density below the threshold."""
-        thr = self.threshold if threshold is None else threshold
+        thr = self.threshold if threshold is None else check_real(threshold, "threshold")
         if thr is None:
             raise RuntimeError("no threshold: pass threshold= or call fit_threshold first")
         return self.score(features, predicted_classes, batch_size=batch_size) < thr
@@ -223,7 +232,8 @@ class KDensityDetector:
     def save(self, path) -> None:
         """Everything the detector holds (bank, threshold, medians and the kernel points
         they were computed with), written atomically."""
-        from .._io import atomic_torch_save
+        from .._io import atomic_torch_save, check_writable
+        check_writable(path, "detector")
         atomic_torch_save(self.state_dict(), path)
 
     @classmethod
@@ -253,6 +263,8 @@ class KDensityDetector:
         """A detector written by :meth:`save`. Loaded safely (tensors and plain values
         only, never code); a missing, corrupt, truncated or foreign file gives one
         ValueError/FileNotFoundError naming the path and what was expected."""
+        from .._args import check_device
         from .._io import safe_torch_load
+        device = check_device(device)
         state = safe_torch_load(path, "a K-density detector file (KDensityDetector.save)")
         return cls.from_state_dict(state, device, source=str(path))

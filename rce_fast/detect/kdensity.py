@@ -10,6 +10,7 @@ groups a bank by class once; :class:`QueryPlan` groups a fixed set of query clas
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +95,10 @@ def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None 
     if num_classes is None:
         c = top + 1
     else:
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes must be a positive int, got "
+                            f"{type(num_classes).__name__}")
+        if num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         c = int(num_classes)
         if top >= c:
@@ -120,8 +124,9 @@ class QueryPlan:
     that repeated K-density calls on changing features (an attack's inner loop) do no
     re-sorting and no checks. ``cls_sorted`` holds compact ids (see :class:`BankIndex`)."""
 
-    def __init__(self, query_classes: Tensor, index: BankIndex) -> None:
-        self._build(index.compact(query_classes), index)
+    def __init__(self, query_classes: Tensor, index: BankIndex,
+                 name: str = "query_classes") -> None:
+        self._build(index.compact(query_classes, name), index)
 
     @classmethod
     def unchecked(cls, query_classes: Tensor, index: BankIndex) -> "QueryPlan":
@@ -157,20 +162,27 @@ def kdensity_planned(queries: Tensor, plan: QueryPlan, index: BankIndex,
 
 
 def kdensity_indexed(queries: Tensor, query_classes: Tensor, index: BankIndex,
-                     sigma2: float) -> Tensor:
-    """Log K-density of ``queries`` against a prepared :class:`BankIndex` (see kdensity)."""
-    _check_features(queries, "queries", index.bank.shape[1])
+                     sigma2: float, *, names: tuple[str, str] = ("queries", "query_classes")
+                     ) -> Tensor:
+    """Log K-density of ``queries`` against a prepared :class:`BankIndex` (see kdensity).
+    ``names``: how errors call the two tensors (a detector's methods name their own
+    arguments)."""
+    if not isinstance(index, BankIndex):
+        raise TypeError(f"index must be a BankIndex (build_bank_index), got "
+                        f"{type(index).__name__}")
+    qname, cname = names
+    _check_features(queries, qname, index.bank.shape[1])
     if queries.dtype != index.bank.dtype:
-        raise TypeError(f"queries are {queries.dtype} but the bank is {index.bank.dtype}")
+        raise TypeError(f"{qname} are {queries.dtype} but the bank is {index.bank.dtype}")
     if queries.device != index.bank.device:
-        raise ValueError(f"queries are on {queries.device} but the bank is on "
+        raise ValueError(f"{qname} are on {queries.device} but the bank is on "
                          f"{index.bank.device}")
-    _check_labels(query_classes, "query_classes", queries.shape[0], queries.device)
+    _check_labels(query_classes, cname, queries.shape[0], queries.device)
     sigma2 = _check_sigma2(sigma2)
     acc = acc_dtype(queries.dtype)
     if queries.shape[0] == 0:
         return queries.new_empty(0, dtype=acc)
-    return kdensity_planned(queries, QueryPlan(query_classes, index), index, sigma2)
+    return kdensity_planned(queries, QueryPlan(query_classes, index, cname), index, sigma2)
 
 
 def kdensity(queries: Tensor, bank: Tensor, bank_labels: Tensor, query_classes: Tensor,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._args import check_seed
 from ._layered import (LayerDetector, as_numpy, check_inputs, check_int, check_model,
                        check_same_shape, model_device, resolve_layers)
 from ._logreg import LinearHead, _check_C, fit_logistic
@@ -104,7 +105,7 @@ class LIDDetector(LayerDetector):
             raise TypeError("layers must be a sequence of layer names, not one string")
         self.layers = None if layers is None else tuple(layers)
         self.C = _check_C(C)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.fitted = False
         self.threshold = None
         self.references: list[Tensor] = []     # per layer: (R, batch_size, D_l)
@@ -234,6 +235,7 @@ class LIDDetector(LayerDetector):
         fit = fit_logistic(as_numpy(torch.cat(feats)), torch.cat(labels).numpy(), self.C,
                            self.seed)
         self.head = LinearHead.from_fit(fit, device)
+        self.input_shape = tuple(clean.shape[1:])
         self.fitted = True
         return self
 
@@ -253,6 +255,7 @@ class LIDDetector(LayerDetector):
         return {"k": self.k, "batch_size": self.batch_size,
                 "reference_batches": self.reference_batches, "layers": list(self.layers),
                 "C": self.C, "seed": self.seed, "threshold": self.threshold,
+                "input_shape": None if self.input_shape is None else list(self.input_shape),
                 "references": [r.cpu() for r in self.references],
                 "centers": [c.cpu() for c in self.centers], "head": self.head.state(),
                 "reference_index": self.reference_index}
@@ -267,5 +270,7 @@ class LIDDetector(LayerDetector):
         det.reference_index = state["reference_index"]
         det.threshold = state["threshold"]
         det.device = det.references[0].device
+        shape = state.get("input_shape")  # absent in files of older versions
+        det.input_shape = None if shape is None else tuple(int(v) for v in shape)
         det.fitted = True
         return det

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._args import check_has_data, check_seed
 from ._layered import (LayerDetector, as_numpy, check_float, check_inputs, check_int,
                        check_model, check_same_shape, model_device, resolve_layers)
 from ._logreg import LinearHead, _check_C, fit_logistic
@@ -94,7 +95,7 @@ class MahalanobisDetector(LayerDetector):
         self.layers = None if layers is None else tuple(layers)
         self.noise = check_float(noise, "noise")
         self.C = _check_C(C)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.fitted = False
         self.threshold = None
         self.gaussians: list[_LayerGaussian] = []
@@ -229,17 +230,26 @@ class MahalanobisDetector(LayerDetector):
                 check_inputs(extra, name)
                 check_same_shape(extra, x, name, "x")
         batch_size = check_int(batch_size, "batch_size", 1)
+        check_has_data(y, "y")
         y_cpu = y.cpu().long()
         if int(y_cpu.min()) < 0:
             raise ValueError(f"y holds a negative class index ({int(y_cpu.min())})")
-        c = int(y_cpu.max()) + 1 if num_classes is None else check_int(num_classes,
-                                                                        "num_classes", 1)
-        present = torch.bincount(y_cpu, minlength=c)
-        if len(present) > c:
-            raise ValueError(f"y holds class {len(present) - 1} >= num_classes={c}")
-        missing = torch.nonzero(present == 0).squeeze(1).tolist()
-        if missing:
-            raise ValueError(f"every class needs training inputs; classes {missing} have none")
+        # the classes present, sorted: cost follows the rows, never the label values
+        present = torch.unique(y_cpu).tolist()
+        c = present[-1] + 1 if num_classes is None else check_int(num_classes,
+                                                                   "num_classes", 1)
+        if present[-1] >= c:
+            raise ValueError(f"y holds class {present[-1]} >= num_classes={c}")
+        if len(present) < c:
+            have, missing = set(present), []
+            for k in range(c):
+                if k not in have:
+                    missing.append(k)
+                    if len(missing) == 20:
+                        break
+            more = "" if c - len(present) <= 20 else f" (and {c - len(present) - 20} more)"
+            raise ValueError(f"every class of y needs training inputs; classes {missing}"
+                             f"{more} have none")
         self.layers = resolve_layers(model, self.layers, tuple(model.stage_layers))
         self.num_classes = c
         self._fit_gaussians(model, x, y_cpu, c, batch_size, progress)
@@ -256,6 +266,7 @@ class MahalanobisDetector(LayerDetector):
         fit = fit_logistic(as_numpy(torch.cat(feats)), torch.cat(labels).numpy(), self.C,
                            self.seed)
         self.head = LinearHead.from_fit(fit, self.device)
+        self.input_shape = tuple(x.shape[1:])
         self.fitted = True
         return self
 
@@ -273,6 +284,7 @@ class MahalanobisDetector(LayerDetector):
         self._require_fit()
         return {"layers": list(self.layers), "noise": self.noise, "C": self.C,
                 "seed": self.seed, "threshold": self.threshold,
+                "input_shape": None if self.input_shape is None else list(self.input_shape),
                 "num_classes": self.num_classes,
                 "means": [g.means.cpu() for g in self.gaussians],
                 "precisions": [g.precision.cpu() for g in self.gaussians],
@@ -287,5 +299,7 @@ class MahalanobisDetector(LayerDetector):
         det.threshold = state["threshold"]
         det.num_classes = state["num_classes"]
         det.device = det.gaussians[0].means.device
+        shape = state.get("input_shape")  # absent in files of older versions
+        det.input_shape = None if shape is None else tuple(int(v) for v in shape)
         det.fitted = True
         return det

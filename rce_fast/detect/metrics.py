@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _torch_impl
+from .._args import check_has_data
 from .._torch_impl import acc_dtype, all_finite
 from ._checks import _FLOAT
 
@@ -20,6 +21,7 @@ def _check_logits(x, name="decision_logits") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] < 2:
         raise ValueError(f"{name} must have shape (N, L) with L >= 2, got {tuple(x.shape)}")
+    check_has_data(x, name)
     if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values")
 
@@ -51,6 +53,7 @@ def _scores_1d(x, name: str) -> np.ndarray:
     if isinstance(x, Tensor):
         if x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
+        check_has_data(x, name)
         arr = x.detach().cpu().double().numpy()
     else:
         try:
@@ -72,7 +75,9 @@ def threshold_for_fpr(clean_scores: Tensor, fpr: float) -> float:
     scores = _scores_1d(clean_scores, "clean_scores")
     if scores.size == 0:
         raise ValueError("clean_scores is empty: a threshold needs clean data")
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 <= fpr <= 1.0:
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)):
+        raise TypeError(f"fpr must be a number in [0, 1], got {type(fpr).__name__}")
+    if not 0.0 <= fpr <= 1.0:
         raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}")
     return float(torch.quantile(torch.from_numpy(scores), float(fpr)))
 
@@ -81,12 +86,11 @@ def threshold_for_fpr(clean_scores: Tensor, fpr: float) -> float:
 
 def auc(pos_scores, neg_scores) -> float:
     """ROC AUC with positives scoring higher, by the rank-sum (Mann-Whitney) formula,
-    ties counted as half; equals sklearn's roc_auc_score. NaN when a side is empty;
-    a NaN score is an error (it cannot be ranked)."""
-    pos = _scores_1d(np.ravel(pos_scores) if not isinstance(pos_scores, Tensor)
-                     else pos_scores.reshape(-1), "pos_scores")
-    neg = _scores_1d(np.ravel(neg_scores) if not isinstance(neg_scores, Tensor)
-                     else neg_scores.reshape(-1), "neg_scores")
+    ties counted as half; equals sklearn's roc_auc_score. Each side is (N,) scores (a
+    tensor, array or sequence; nothing is flattened). NaN when a side is empty; a NaN
+    score is an error (it cannot be ranked)."""
+    pos = _scores_1d(pos_scores, "pos_scores")
+    neg = _scores_1d(neg_scores, "neg_scores")
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     ranks = _midranks(np.concatenate([pos, neg]))
@@ -108,10 +112,8 @@ def auc_standard_error(pos_scores, neg_scores) -> float:
     Two AUCs from independent samples differ by noise alone when their gap is within
     about 2 * sqrt(se1^2 + se2^2). nan with fewer than two scores on either side.
     """
-    pos = _scores_1d(np.ravel(pos_scores) if not isinstance(pos_scores, Tensor)
-                     else pos_scores.reshape(-1), "pos_scores")
-    neg = _scores_1d(np.ravel(neg_scores) if not isinstance(neg_scores, Tensor)
-                     else neg_scores.reshape(-1), "neg_scores")
+    pos = _scores_1d(pos_scores, "pos_scores")
+    neg = _scores_1d(neg_scores, "neg_scores")
     m, n = len(pos), len(neg)
     if m < 2 or n < 2:
         return float("nan")

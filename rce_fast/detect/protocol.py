@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._args import check_has_data
 from .metrics import _scores_1d, auc, auc_standard_error
 
 
@@ -12,6 +13,7 @@ def _class_vector(x, name: str, n: int | None) -> np.ndarray:
     if isinstance(x, Tensor):
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class indices, got {x.dtype}")
+        check_has_data(x, name)
         arr = x.detach().cpu().numpy()
     else:
         arr = np.asarray(x)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._args import check_has_data
 from .metrics import auc_standard_error
 
 
@@ -43,6 +44,7 @@ def as_scores(values, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
         if values.dtype == torch.bool or values.dtype.is_complex:
             raise TypeError(f"{name} must hold real numbers, got {values.dtype}")
+        check_has_data(values, name)
         arr = values.detach().to("cpu", torch.float64).numpy()
     else:
         try:
@@ -184,6 +186,7 @@ def _as_classes(values, name: str, n: int) -> np.ndarray:
         if values.dtype.is_floating_point or values.dtype.is_complex or \
                 values.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class indices, got {values.dtype}")
+        check_has_data(values, name)
         arr = values.detach().cpu().numpy()
     else:
         arr = np.asarray(values)
@@ -191,6 +194,8 @@ def _as_classes(values, name: str, n: int) -> np.ndarray:
             raise TypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) like adv_scores, got {arr.shape}")
+    if n and arr.min() < 0:
+        raise ValueError(f"{name} holds a negative class index ({arr.min()})")
     return arr.astype(np.int64)
 
 

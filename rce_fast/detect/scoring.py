@@ -40,12 +40,16 @@ def check_detector(detector) -> None:
                              f"{sorted(LOGIT_SCORES)} or a detector object")
         return
     if isinstance(detector, KDensityDetector):
-        detector._require_fit()
+        if detector.index is None:
+            raise ValueError("detector is not fitted: call detector.fit(features, labels)")
         return
     if not callable(getattr(detector, "score_inputs", None)):
         raise TypeError("detector must be a KDensityDetector, 'confidence', 'non-ME', or an "
                         "object with score_inputs(model, x) -> (logits, scores); got "
                         f"{type(detector).__name__}")
+    if getattr(detector, "fitted", True) is False:
+        raise ValueError(f"detector ({type(detector).__name__}) is not fitted: call "
+                         "detector.fit(...) first")
 
 
 def score_inputs(model, detector, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,75 @@
+"""Argument checks shared across the package: one place, one wording.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong value,
+shape or device) with a message that starts with the argument's name.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_has_data(t: Tensor, name: str) -> None:
+    """ValueError for a tensor on the ``meta`` device (it has a shape but no values)."""
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor with no data); pass a "
+                         "tensor on cpu or cuda")
+
+
+def move_to(t: Tensor, device: torch.device, name: str) -> Tensor:
+    """``t`` on ``device`` (a copy when it is elsewhere); ValueError naming ``name`` when
+    it cannot be moved (a meta tensor)."""
+    if t.device == device:
+        return t
+    check_has_data(t, name)
+    return t.to(device)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """An int seed (None is not accepted here; callers that allow it check first)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    return int(seed)
+
+
+def check_real(value, name: str, allow_inf: bool = True) -> float:
+    """A real number, not NaN (infinities allowed unless ``allow_inf`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (not allow_inf and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number, got "
+                         f"{value}")
+    return value
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """A ``torch.device`` that exists on this machine: ValueError naming ``name`` for a
+    string that is no device ('foo') or a device that is not there ('cuda' without a
+    GPU, 'cuda:7' on a machine with fewer GPUs); TypeError for other types."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{name} {device!r} is not a device (expected cpu, cuda or "
+                             "cuda:N)") from None
+    elif isinstance(device, int) and not isinstance(device, bool):
+        dev = torch.device("cuda", device)
+    else:
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or "
+                        f"'cuda:0', got {type(device).__name__}")
+    if dev.type == "meta":
+        raise ValueError(f"{name} {str(dev)!r}: the meta device holds no data")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {str(dev)!r}: no CUDA device is available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name} {str(dev)!r}: there {'is' if count == 1 else 'are'} "
+                             f"only {count} CUDA device{'' if count == 1 else 's'}")
+    return dev
