@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import attacks as A
 from .data import load_dataset
+from . import _defense_table as DT
 from .detect import KDensityDetector, confidence, non_me, paper_auc
 from .resume import (Budget, ResumeMismatch, StopRequested, WorkControl, atomic_torch_save,
                      atomic_write, atomic_write_text, check_output_folder, normalise,
@@ -62,10 +63,23 @@ class ExperimentConfig:
                                                         binary_search_steps=3))
     checkpoints: dict = field(default_factory=dict)  # objective -> existing checkpoint
     progress: bool = True
+    # The defense table (every attack x every detector at one FPR; rce_fast._defense_table)
+    defense_fpr: float = 0.05         # the operating point: FPR on held-out clean images
+    pgd_steps: int = 40               # adaptive PGD on classifier + K-density
+    opgd_steps: int = 100             # Orthogonal PGD (the paper's 100)
+    adaptive_n: int | None = None     # evaluation images attacked adaptively (None: all)
+    baseline_fit_n: int = 1000        # training images (clean, noisy, BIM) fitting LID / Maha
+    lid_k: int = 20                   # LID neighbours (Ma et al.: 20)
+    lid_batch: int = 100              # LID reference minibatch (Ma et al.: 100)
+    lid_layers: list | None = None    # LID layers (None: every layer of the network)
+    mahalanobis_noise: float = 0.0    # Mahalanobis input pre-processing (0: off)
 
     #: The demo's training steps and attacked images (every digits test image: 540).
     DEMO_STEPS = 4000
     DEMO_N_ATTACK = 1000
+    #: The demo's trimmed budgets for the defense table (the defaults are the papers').
+    DEMO_DEFENSE = dict(pgd_steps=20, opgd_steps=50, baseline_fit_n=500,
+                        lid_layers=["block1", "block2", "block3", "features"])
 
     @classmethod
     def demo(cls, **overrides) -> "ExperimentConfig":
@@ -75,7 +89,7 @@ class ExperimentConfig:
         kappa = 10) need them, and every test image is attacked so that the AUCs rest on
         hundreds of pairs (their standard errors are in the report)."""
         return cls(**{"jsma_gamma": 0.3, "steps": cls.DEMO_STEPS,
-                      "n_attack": cls.DEMO_N_ATTACK, **overrides})
+                      "n_attack": cls.DEMO_N_ATTACK, **cls.DEMO_DEFENSE, **overrides})
 
     @classmethod
     def paper(cls, dataset: str, data_dir: str, **overrides) -> "ExperimentConfig":
@@ -142,7 +156,7 @@ def experiment_settings(cfg: ExperimentConfig, data: dict) -> dict:
 
 def _owned_files(out: Path) -> list[Path]:
     """Every file a run writes in its folder (what --restart removes; nothing else)."""
-    names = [STATE_FILE, "report.md", "results.json", *_PLOTS]
+    names = [STATE_FILE, "report.md", "results.json", *_PLOTS, *DT.FILES]
     for obj in ("ce", "rce"):
         names += [f"{obj}.pt", f"{obj}_detector.pt"]
         for slug in ATTACK_SLUGS.values():
@@ -329,6 +343,9 @@ def _pipeline(cfg, run: _RunState, budget: Budget, device, data, log, force_resu
             log(f"[{objective}] {name:7s} {seconds / n * 1e3:8.2f} ms/example  pairs "
                 f"{entry['pairs']:4d}  AUC conf {aucs['confidence']:.3f} non-ME "
                 f"{aucs['non-ME']:.3f} KD {aucs['K-density']:.3f}")
+        DT.run_units(cfg, run, budget, device, objective, model, det,
+                     (x_tr, y_tr, x_att, y_att), num_classes, passes, _save_adversarial,
+                     _load_adversarial, log)
 
     est = sum(passes(o, _load_model(cfg, run, o, device), 4.0 + 2 * len(ATTACKS))
               for o in ("ce", "rce")) + 10.0
@@ -523,7 +540,9 @@ def _report(cfg, run, device, data, num_classes, log, session: dict) -> dict:
     results["kd_comparison"] = {
         name: {"verdict": v, "rce_minus_ce": gap, "two_se": noise}
         for name, (v, gap, noise) in compare_kd(results["models"]).items()}
+    results["defense"] = DT.results_of(run, cfg, n)
     _write_plots(out, plots)
+    DT.write_plot(out, results["defense"])
     report = render_report(results)
     atomic_write_text(out / "report.md", report)
     atomic_write_text(out / "results.json",
@@ -625,9 +644,13 @@ def render_report(results: dict) -> str:
     for obj in ("ce", "rce"):
         r = models[obj]["rand"]
         lines.append(f"| {obj.upper()} | {r['eps']} | {r['error']:.2f} |")
+    if "defense" in results:
+        lines += [""] + DT.render(results["defense"])
     lines += ["", "## Plots", "", "- `roc.png`: K-density ROC curves per attack, CE and RCE",
               "- `kd_hist.png`: log K-density of normal, noisy and adversarial inputs "
-              "(appendix Fig. 2/3)", "- `examples.png`: clean and adversarial examples", ""]
+              "(appendix Fig. 2/3)", "- `examples.png`: clean and adversarial examples",
+              f"- `{DT.PLOT}`: robust accuracy against FPR, worst attack per detector, CE "
+              "and RCE", ""]
     return "\n".join(lines)
 
 

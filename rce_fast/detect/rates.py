@@ -268,6 +268,6 @@ def plot_robust_accuracy(curves: dict, path, title: str | None = None):
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # a PNG whatever the name (temp files)
     plt.close(fig)
     return path
