@@ -269,6 +269,9 @@ def test_training_makes_its_rank_gpu_the_current_device(monkeypatch):
         raise Reached
 
     monkeypatch.setattr(torch.cuda, "set_device", record)
+    # train() checks that the device exists: pretend two GPUs are there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
     with pytest.raises(Reached):
         train(TrainConfig(model="resnet8", steps=1, batch_size=2, progress=False), x, y,
