@@ -14,7 +14,8 @@ from rce_fast.experiment import (ATTACKS, ExperimentConfig, compare_kd, render_r
 TINY = dict(steps=120, n_attack=40, per_class=100, kernel_points=20, cw_steps=30,
             cw_search=2, jsma_max_iterations=10, progress=False,
             wb_stage1=dict(max_iterations=20, c_init=10.0, binary_search_steps=1),
-            wb_stage2=dict(max_iterations=20, c_init=100.0, binary_search_steps=1))
+            wb_stage2=dict(max_iterations=20, c_init=100.0, binary_search_steps=1),
+            pgd_steps=3, opgd_steps=4, baseline_fit_n=120, lid_batch=50, lid_k=10)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_end_to_end_writes_every_file_with_sane_values(tiny_run):
     out, results, lines = tiny_run
     for name in ("report.md", "results.json", "roc.png", "kd_hist.png", "examples.png",
-                 "ce.pt", "rce.pt", "ce_detector.pt", "rce_detector.pt"):
+                 "robust_accuracy.png", "ce.pt", "rce.pt", "ce_detector.pt",
+                 "rce_detector.pt", "ce_lid.pt", "rce_mahalanobis.pt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     for obj in ("ce", "rce"):
@@ -52,6 +54,94 @@ def test_tiny_end_to_end_writes_every_file_with_sane_values(tiny_run):
     # the FGSM row of Table 2 matches results.json
     fgsm = saved["models"]["rce"]["attacks"]["FGSM"]["auc"]["confidence"]
     assert (f"{fgsm:.3f}" if fgsm is not None else "n/a") in report
+
+
+def test_defense_table_has_every_attack_detector_and_model(tiny_run):
+    """Every (model, attack, detector) row with AUROC, TPR and robust accuracy at 5% FPR
+    in [0, 1], the same numbers in report.md, and the robust-accuracy plot."""
+    from rce_fast._defense_table import ADAPTIVE_ATTACKS, DETECTORS
+
+    out, results, lines = tiny_run
+    saved = json.loads((out / "results.json").read_text())["defense"]
+    assert saved["fpr"] == 0.05
+    assert (saved["calibration_images"], saved["evaluation_images"],
+            saved["adaptive_images"]) == (20, 20, 20)
+    attacks = (*ATTACKS, *ADAPTIVE_ATTACKS)
+    report = (out / "report.md").read_text()
+    header = "| attack | detector | CE AUROC | CE TPR | CE RA | RCE AUROC | RCE TPR | RCE RA |"
+    assert header in report and report in lines
+    rows = [line for line in report.splitlines() if line.startswith("| ")
+            and line.count("|") == 9 and line != header and "---" not in line]
+    assert len(rows) == len(attacks) * len(DETECTORS)
+    for obj in ("ce", "rce"):
+        table = saved["models"][obj]
+        assert list(table) == list(attacks)
+        for attack in attacks:
+            assert list(table[attack]) == list(DETECTORS)
+            for det, m in table[attack].items():
+                assert 0.0 <= m["robust_accuracy"] <= 1.0
+                assert m["n_attacked"] == 20 and 0 <= m["n_adv_used"] <= 20
+                for key in ("auroc", "tpr"):
+                    v = m[key]
+                    assert (v is None) == (m["n_adv_used"] == 0), (obj, attack, det, key)
+                    assert v is None or 0.0 <= v <= 1.0, (obj, attack, det, key, v)
+                assert 0.0 <= m["clean_fpr"] <= 1.0  # realised on the evaluation half
+                fprs, acc = m["curve"]["fpr"], m["curve"]["robust_accuracy"]
+                assert len(fprs) == len(acc) == 41 and all(0 <= a <= 1 for a in acc)
+                assert acc[fprs.index(0.05)] == m["robust_accuracy"]
+                assert all(b >= a for a, b in zip(acc, acc[1:]))  # more flags, more RA
+    for attack in attacks:
+        for det in DETECTORS:
+            cells = [f"{v:.3f}" if v is not None else "n/a"
+                     for obj in ("ce", "rce") for v in (
+                         saved["models"][obj][attack][det][k]
+                         for k in ("auroc", "tpr", "robust_accuracy"))]
+            assert f"| {attack} | {det} | " + " | ".join(cells) + " |" in rows
+    assert "robust accuracy at 5% FPR" in report and "odd positions" in report
+    png = (out / "robust_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_defense_table_numbers_from_the_saved_files(tiny_run):
+    """Robust accuracy and TPR of K-density against FGSM and OPGD, recomputed here from
+    the saved model, detector and examples with plain NumPy (threshold: the order
+    statistic on the even-position clean images; metrics on the odd positions)."""
+    import numpy as np
+
+    from rce_fast.data import load_digits_split
+    from rce_fast.detect import KDensityDetector
+    from rce_fast.experiment import _load_adversarial
+    from rce_fast.train import load_classifier
+
+    out, results, _ = tiny_run
+    _, _, x_te, y_te = load_digits_split()
+    x, y = x_te[:TINY["n_attack"]], y_te[:TINY["n_attack"]]
+    model = load_classifier(out / "rce.pt", "cpu")
+    det = KDensityDetector.load(out / "rce_detector.pt", "cpu")
+
+    def kd(images):
+        with torch.no_grad():
+            z, f = model.logits_and_features(images)
+        return z.argmax(1).numpy(), det.score(f, z.argmax(1)).double().numpy()
+
+    _, held = kd(x[0::2])
+    k = int(np.floor(0.05 * len(held)))
+    t = np.sort(held)[k]
+    assert results["defense"]["adaptive"]["rce"]["OPGD"]["threshold"] == pytest.approx(
+        t, rel=1e-6)
+    for attack, path, rows in (("FGSM", "rce_fgsm.pt", slice(1, None, 2)),
+                               ("OPGD", "rce_opgd.pt", slice(None))):
+        ref = x if attack == "FGSM" else x[1::2]
+        adv = _load_adversarial(out / "adversarial" / path, ref)[0][rows]
+        pred, s = kd(adv)
+        truth = y[1::2].numpy()
+        flagged = s < t
+        m = results["defense"]["models"]["rce"][attack]["K-density"]
+        assert m["robust_accuracy"] == pytest.approx(np.mean(flagged | (pred == truth)))
+        wrong = pred != truth
+        assert m["n_adv_used"] == int(wrong.sum())
+        if wrong.any():
+            assert m["tpr"] == pytest.approx(np.mean(flagged[wrong]))
 
 
 def test_kd_comparison_separates_noise_from_real_gaps(tiny_run):
@@ -85,7 +175,9 @@ def test_checkpoints_are_reused(tiny_run, tmp_path):
                                 checkpoints={"ce": str(out / "ce.pt"),
                                              "rce": str(out / "rce.pt")},
                                 wb_stage1=dict(max_iterations=3, binary_search_steps=1),
-                                wb_stage2=dict(max_iterations=3, binary_search_steps=1))
+                                wb_stage2=dict(max_iterations=3, binary_search_steps=1),
+                                pgd_steps=2, opgd_steps=2, baseline_fit_n=60, lid_batch=20,
+                                lid_k=5)
     lines = []
     run_experiment(cfg, log=lines.append)
     assert any("loaded" in line for line in lines)
@@ -178,20 +270,38 @@ def _comparable(results):
         m.pop("train_seconds")
         for entry in m["attacks"].values():
             entry.pop("seconds_per_example")
+    for m in r["defense"]["adaptive"].values():
+        for entry in m.values():
+            entry.pop("seconds")
     return r
 
 
-def test_a_run_stopped_five_times_gives_the_uninterrupted_results(tiny_run, tmp_path):
-    """Stops inside CE training, inside CE's C&W, inside stage 2 of CE's C&W-wb, and
-    between two RCE attacks; every continuation reproduces the uninterrupted run."""
+def _tensors(obj, path=""):
+    """(path, tensor) for every tensor in nested dicts / lists (detector files hold
+    lists of per-layer tensors and a dict for the regression)."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def test_a_run_stopped_eight_times_gives_the_uninterrupted_results(tiny_run, tmp_path):
+    """Stops inside CE training, inside CE's C&W, inside stage 2 of CE's C&W-wb, before
+    CE's LID detector and its Orthogonal PGD (units of the defense table), between two
+    RCE attacks and before RCE's defense table; every continuation reproduces the
+    uninterrupted run, the defense table included."""
     from rce_fast.experiment import _load_adversarial
     from rce_fast.resume import Budget, StopRequested
 
     out0, straight, _ = tiny_run
     out = tmp_path / "run"
     train_kind = "train resnet8 batch 128"
-    plan = [_nth(train_kind, 3), _nth("C&W", 2), _nth("C&W-wb stage 2", 2),
-            _nth("attack BIM", 1), None]
+    plan = [_nth(train_kind, 3), _nth("C&W", 2), _nth("C&W-wb stage 2", 2), _nth("LID", 1),
+            _nth("attack OPGD", 1), _nth("attack BIM", 1), _nth("defense table", 1), None]
     seen = []
     for stop in plan:
         budget = Budget(max_chunk=8, chunk_seconds=float("inf"), stop_if=stop)
@@ -211,11 +321,15 @@ def test_a_run_stopped_five_times_gives_the_uninterrupted_results(tiny_run, tmp_
     assert seen == [("stopped: stop_if at 'train resnet8 batch 128'", []),
                     ("stopped: stop_if at 'C&W'", ["ce_cw.pt"]),
                     ("stopped: stop_if at 'C&W-wb stage 2'", ["ce_cw-wb.pt"]),
-                    ("stopped: stop_if at 'attack BIM'", []), "finished"]
+                    ("stopped: stop_if at 'LID'", []),
+                    ("stopped: stop_if at 'attack OPGD'", []),
+                    ("stopped: stop_if at 'attack BIM'", []),
+                    ("stopped: stop_if at 'defense table'", []), "finished"]
     assert _comparable(resumed) == _comparable(straight)
+    assert resumed["defense"]["models"] == straight["defense"]["models"]  # the table
     saved = json.loads((out / "results.json").read_text())
     assert _comparable(saved) == _comparable(json.loads((out0 / "results.json").read_text()))
-    assert len(saved["sessions"]) == 5
+    assert len(saved["sessions"]) == 8
     from rce_fast.data import load_digits_split
     x_att = load_digits_split()[2][:TINY["n_attack"]]
     for f in sorted((out0 / "adversarial").glob("*.pt")):
@@ -224,14 +338,16 @@ def test_a_run_stopped_five_times_gives_the_uninterrupted_results(tiny_run, tmp_
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f.name
         for k, v in info_a.items():
             assert torch.equal(v, info_b[k]) if torch.is_tensor(v) else v == info_b[k]
-    for name in ("ce.pt", "rce.pt", "ce_detector.pt", "rce_detector.pt"):
+    for name in ("ce.pt", "rce.pt", "ce_detector.pt", "rce_detector.pt", "ce_lid.pt",
+                 "rce_lid.pt", "ce_mahalanobis.pt", "rce_mahalanobis.pt"):
         a = torch.load(out0 / name, weights_only=True)
         b = torch.load(out / name, weights_only=True)
         ta = a["model"] if "model" in a else a
         tb = b["model"] if "model" in b else b
-        for k, v in ta.items():
-            if torch.is_tensor(v):
-                assert torch.equal(v, tb[k]), (name, k)
+        pairs = list(zip(_tensors(ta), _tensors(tb)))
+        assert pairs and len(pairs) == len(list(_tensors(ta)))
+        for (ka, va), (kb, vb) in pairs:
+            assert ka == kb and torch.equal(va, vb), (name, ka)
         assert "optimizer" not in a and "optimizer" not in b  # finished: the model only
     assert not (out / "partial").exists() and not list(out.rglob(".*.tmp"))
 
