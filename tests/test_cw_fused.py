@@ -155,6 +155,18 @@ def test_inputs_are_not_modified_and_threads_do_not_change_the_result():
         assert torch.equal(outs[0][k], outs[1][k]), k
 
 
+def test_a_step_starts_from_the_bits_the_compiled_step_leaves():
+    # fused_iterate(w) must reproduce what an update leaves in t, x' and l2 for the new w
+    # (a resumed C&W step starts from it), and leave w exactly as it is.
+    case = _case(13, 777, seed=9)
+    _cw_fused.fused_update(**case, step=3, lr=0.01, half=0.5, mid=0.0)
+    w = case["w"].clone()
+    t, xp, l2 = _cw_fused.fused_iterate(case["w"], case["x"], 0.5, 0.0)
+    assert torch.equal(case["w"], w)
+    assert torch.equal(t, case["t"]) and torch.equal(xp, case["xp"])
+    assert torch.equal(l2, case["l2"])
+
+
 @pytest.fixture(scope="module")
 def batch():
     x, y = digits_tensors()

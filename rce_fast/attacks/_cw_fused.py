@@ -57,6 +57,32 @@ def fused_update(g: Tensor, w: Tensor, m: Tensor, v: Tensor, t: Tensor, xp: Tens
                          module.ISA_AUTO if isa is None else isa)
 
 
+def fused_iterate(w: Tensor, x: Tensor, half: float, mid: float):
+    """(t, xp, l2) of the iterate at ``w`` as the compiled step computes them: its tanh,
+    x' = t * half + mid and its distance sum. A step that starts (or continues after a
+    resume) from ``w`` must see the same bits the compiled step would have left, or a
+    resumed C&W would not repeat an uninterrupted one. Runs the compiled step with a zero
+    step size on scratch moments and a zero gradient: w is left exactly as it is."""
+    module, _ = _ext.load()
+    w = w.contiguous()
+    batch = w.shape[0]
+    n = w.numel() // max(batch, 1)
+    # the step reads the old t and x' (for a gradient that the zero step size discards):
+    # zeros keep every intermediate finite, so w - 0 * update is w exactly
+    t, xp = torch.zeros_like(w), torch.zeros_like(w)
+    l2 = torch.empty(batch, dtype=torch.float32, device=w.device)
+    zeros = torch.zeros_like(w)
+    scratch_m, scratch_v, scratch_best = (torch.zeros_like(w), torch.zeros_like(w),
+                                          torch.empty_like(w))
+    none = torch.zeros(batch, dtype=torch.uint8)
+    module.cw_update_cpu(zeros.data_ptr(), w.data_ptr(), scratch_m.data_ptr(),
+                         scratch_v.data_ptr(), t.data_ptr(), xp.data_ptr(), x.data_ptr(),
+                         scratch_best.data_ptr(), none.data_ptr(), l2.data_ptr(), batch, n,
+                         0.0, BETA1, BETA2, EPS, 0.0, 1.0, half, mid,
+                         torch.get_num_threads(), module.ISA_AUTO)
+    return t, xp, l2
+
+
 def torch_update(g: Tensor, w: Tensor, m: Tensor, v: Tensor, t: Tensor, xp: Tensor,
                  x: Tensor, best: Tensor, improved: Tensor, step: int, lr: float,
                  half: float, mid: float, l2: Tensor) -> None:

@@ -239,12 +239,18 @@ class _CWSearch:
         budget or abort-early)."""
         model, cls, targeted, kappa, c = self.model, self.cls, self.targeted, self.kappa, self.c
         x32, half, mid, view, w = self.x32, self.half, self.mid, self.view, self.w
-        t, xp, diff, l2 = _iterate(w, x32, half, mid)
         # On CPU the update after the model's gradient runs as one compiled pass
         # (Adam, tanh box, best tracking, next iterate and its distance): in place on
-        # w, Adam's moments, t, xp, l2 and best_adv.
+        # w, Adam's moments, t, xp, l2 and best_adv. The step's first iterate comes from
+        # the same compiled tanh, so a resumed step sees the bits it would have seen.
         fused = (_cw_fused.fused_available(w) and self.adam.opt is None
-                 and x32.is_contiguous() and self.best_adv.is_contiguous())
+                 and w.is_contiguous() and x32.is_contiguous()
+                 and self.best_adv.is_contiguous())
+        if fused:
+            t, xp, l2 = _cw_fused.fused_iterate(w, x32, half, mid)
+            diff = None
+        else:
+            t, xp, diff, l2 = _iterate(w, x32, half, mid)
         while self.it < self.max_iterations:
             n = self.max_iterations - self.it
             if control is not None:
