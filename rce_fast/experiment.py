@@ -282,6 +282,10 @@ def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = 
         budget.sync = lambda: torch.cuda.synchronize(device)
     out = check_output_folder(cfg.out, "output folder")
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    if min(cfg.n_attack, len(x_te)) < 2:  # checked before any work, not at the last table
+        raise ValueError(f"n_attack must be >= 2 (got {cfg.n_attack}, {len(x_te)} test "
+                         "images): the defense table calibrates its thresholds on half "
+                         "of the attacked images and evaluates on the other half")
     data = {"train": data_fingerprint(x_tr, y_tr), "test": data_fingerprint(x_te, y_te)}
     run = _RunState(out, experiment_settings(cfg, data), log, force_resume, restart)
     previous = {s["device"] for s in run.state["sessions"]}

@@ -144,6 +144,12 @@ def test_defense_table_numbers_from_the_saved_files(tiny_run):
             assert m["tpr"] == pytest.approx(np.mean(flagged[wrong]))
 
 
+def test_one_attacked_image_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="n_attack must be >= 2"):
+        run_experiment(_tiny_cfg(tmp_path / "one", n_attack=1), log=lambda s: None)
+    assert not (tmp_path / "one" / "state.json").exists()
+
+
 def test_kd_comparison_separates_noise_from_real_gaps(tiny_run):
     _, results, _ = tiny_run
     models = {obj: {**m, "attacks": {k: dict(v) for k, v in m["attacks"].items()}}
