@@ -243,10 +243,7 @@ class _CWSearch:
         # (Adam, tanh box, best tracking, next iterate and its distance): in place on
         # w, Adam's moments, t, xp, l2 and best_adv. The step's first iterate comes from
         # the same compiled tanh, so a resumed step sees the bits it would have seen.
-        # A time-boxed run (control given) keeps the tensor-op step: its continuation
-        # after a stop is tested bit for bit against the uninterrupted run, which the
-        # fused step does not pass yet.
-        fused = (control is None and _cw_fused.fused_available(w) and self.adam.opt is None
+        fused = (_cw_fused.fused_available(w) and self.adam.opt is None
                  and w.is_contiguous() and x32.is_contiguous()
                  and self.best_adv.is_contiguous())
         if fused:
