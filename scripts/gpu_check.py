@@ -99,13 +99,25 @@ def run_command(cmd, cap: float, log, env=None, cwd=ROOT) -> CommandResult:
     if cap <= 0:
         return CommandResult(None, 0.0, True, "")
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True,
-                            errors="replace", bufsize=1)
-    chunks: list[str] = []
-    timed_out = False
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    # Raw reads of whatever is there: a line-based read would block on a partial line
+    # (pytest's progress dots, a prompt) and so miss the cap while the command hangs.
+    import codecs
     import selectors
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = proc.stdout.fileno()
+    chunks: list[str] = []
+
+    def take(data: bytes, final: bool = False) -> None:
+        text = decoder.decode(data, final=final)
+        if text:
+            chunks.append(text)
+            log.write(text)
+            log.flush()
+
+    timed_out = False
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     while True:
         remaining = cap - (time.monotonic() - start)
         if remaining <= 0:
@@ -115,14 +127,13 @@ def run_command(cmd, cap: float, log, env=None, cwd=ROOT) -> CommandResult:
             if proc.poll() is not None:
                 break
             continue
-        line = proc.stdout.readline()
-        if not line:
+        data = os.read(fd, 65536)
+        if not data:  # EOF: every writer closed the pipe
             if proc.poll() is not None:
                 break
+            time.sleep(0.05)
             continue
-        chunks.append(line)
-        log.write(line)
-        log.flush()
+        take(data)
     if timed_out:
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
@@ -135,12 +146,17 @@ def run_command(cmd, cap: float, log, env=None, cwd=ROOT) -> CommandResult:
             except subprocess.TimeoutExpired:
                 continue
         log.write(f"[gpu_check] killed after {cap:.0f} s (stage cap)\n")
-    rest = proc.stdout.read() if proc.stdout else ""
-    if rest:
-        chunks.append(rest)
-        log.write(rest)
     proc.wait()
+    # What is still in the pipe; a grandchild that outlived the group kill and holds the
+    # pipe open must not block us, so read only while there is something to read.
+    while sel.select(timeout=0.2):
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        take(data)
+    take(b"", final=True)
     sel.close()
+    proc.stdout.close()
     return CommandResult(None if timed_out else proc.returncode, time.monotonic() - start,
                          timed_out, "".join(chunks))
 

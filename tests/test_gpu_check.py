@@ -87,8 +87,11 @@ def test_cpu_mode_end_to_end_writes_the_summary(tmp_path):
 
 def test_a_stage_out_of_time_is_skipped_with_what_it_finished(tmp_path):
     slow = tmp_path / "test_slow.py"
-    slow.write_text("import time\n\ndef test_fast():\n    pass\n\n"
-                    "def test_slow():\n    time.sleep(120)\n")
+    # test_slow leaves a partial line in the pipe while it hangs (as pytest's progress
+    # dots do when output is unbuffered): the cap must still hold.
+    slow.write_text("import sys, time\n\ndef test_fast():\n    pass\n\n"
+                    "def test_slow():\n    sys.__stdout__.write('waiting...')\n"
+                    "    sys.__stdout__.flush()\n    time.sleep(120)\n")
     out = tmp_path / "gpu"
     start = time.monotonic()
     proc = _run([str(out), "--cpu", "--only", "tests", "--cap", "tests=25",
