@@ -11,14 +11,17 @@ make progress). An indivisible unit (FGSM, JSMA, the
 detector) asks :meth:`Budget.allow` with an estimate of its time. So a run stops
 *before* starting work that would not fit, instead of being killed in the middle of it.
 
-The clock is read only at these points, never per step. On CUDA the budget
+Chunks are sized from the clock read at these points. On CUDA the budget
 synchronises once per chunk (``sync``), so that the measured time is the device's
 and not the host's queueing time: chunks are sized to take about ``chunk_seconds``,
 which makes that one sync per many steps.
 
 SIGTERM and SIGINT (:func:`handle_signals`) set :attr:`Budget.interrupted`, which
-chunked units read (a Python attribute: no device sync) before every step; they then
-save and stop at once. Inside an indivisible unit (:meth:`Budget.abandonable`) the
+chunked units read (no device sync) before every step; they then save and stop at
+once. :attr:`Budget.interrupted` also turns True when the time left is down to the
+reserve: a chunk that runs slower than planned (a neighbour took the CPU, a GPU
+throttled) still stops in time, at the step where the time ran out. That reads the
+host's clock once per step (tens of nanoseconds, no sync). Inside an indivisible unit (:meth:`Budget.abandonable`) the
 signal abandons the unit immediately: it is redone on the next run. A second signal
 stops at once wherever the run is; files are still never half-written, since every
 write here is atomic (:func:`atomic_write`).
@@ -150,8 +153,16 @@ class Budget:
     # -- decisions
     @property
     def interrupted(self) -> bool:
-        """True once SIGTERM or SIGINT arrived (read before every step of a chunk)."""
-        return self.signal is not None
+        """True once SIGTERM or SIGINT arrived, or once the time left is down to the
+        reserve (the planned chunk ran slower than measured). Read before every step
+        of a chunk; the unit then saves its state and stops."""
+        if self.signal is not None:
+            return True
+        if self.seconds is not None and self._spare() <= 0:
+            if self.stop_reason is None:
+                self.stop_reason = "time budget"
+            return True
+        return False
 
     def _refusal(self, kind: str) -> str | None:
         if self.signal is not None:

@@ -144,6 +144,35 @@ def test_a_machine_that_slows_down_late_overruns_by_little():
     assert b.elapsed() <= 300.0 - 6.0 + 3 * 0.3
 
 
+def test_a_chunk_that_runs_far_slower_than_planned_stops_when_the_reserve_is_reached():
+    """Steps ten times slower from the middle of a chunk on (the planned chunk no longer
+    fits): a loop reading ``interrupted`` before each step stops one step after the
+    reserve line at most, and the budget says why."""
+    clock = FakeClock()
+    b = Budget(120.0, clock=clock, reserve=5.0, chunk_seconds=60.0)
+    stopped = False
+    while not stopped and (n := b.grant("step", 10**9)):
+        ran = 0
+        for _ in range(n):
+            if b.interrupted:
+                stopped = True
+                break
+            clock.now += 0.1 if b.elapsed() < 60 else 1.0
+            ran += 1
+        b.done(ran)
+    assert stopped and b.stop_reason == "time budget"
+    assert 120.0 - 5.0 <= b.elapsed() <= 120.0 - 5.0 + 1.0
+    # With steps as planned the per-step check never fires before the grant refuses.
+    clock = FakeClock()
+    b = Budget(120.0, clock=clock, reserve=5.0, chunk_seconds=60.0)
+    while (n := b.grant("step", 10**9)):
+        for _ in range(n):
+            assert not b.interrupted
+            clock.now += 0.1
+        b.done()
+    assert b.stop_reason == "time budget" and b.elapsed() <= 115.0
+
+
 def test_signals_stop_at_the_next_safe_point_or_abandon_an_indivisible_unit():
     b = Budget(max_chunk=3)
     assert not b.interrupted
