@@ -49,7 +49,7 @@ from . import attacks as A
 from .detect import (GuardedClassifier, LIDDetector, MahalanobisDetector,
                      evaluate_detectors, noisy_like, plot_robust_accuracy, score_dataset,
                      threshold_at_fpr)
-from .resume import StopRequested, atomic_write
+from .resume import atomic_write
 
 #: The adaptive attacks of the table (both attack classifier + K-density).
 ADAPTIVE_ATTACKS = ("PGD-adaptive", "OPGD")
@@ -73,21 +73,6 @@ def halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[0::2], idx[1::2]
 
 
-def _stop(budget):
-    raise StopRequested(budget.stop_reason or "stop requested")
-
-
-def _indivisible(budget, kind: str, estimate: float, work):
-    """Run ``work()`` as one indivisible unit of the budget (stop before it if it does
-    not fit; a signal abandons it, and it is redone next run)."""
-    if not budget.allow(kind, estimate):
-        _stop(budget)
-    with budget.abandonable():
-        out = work()
-    budget.done()
-    return out
-
-
 def _fit_rows(cfg, x_tr) -> int:
     return min(cfg.baseline_fit_n, len(x_tr))
 
@@ -104,7 +89,7 @@ def _fit_data(cfg, run, budget, objective, model, x_tr, device, passes, n, save_
             t0 = time.perf_counter()
             adv = A.bim(model, x_fit.to(device), cfg.eps).cpu()
             return adv, time.perf_counter() - t0
-        adv, seconds = _indivisible(budget, "baseline fit data",
+        adv, seconds = budget.run_unit("baseline fit data",
                                     passes(objective, model, 12.0 * m / n),
                                     work)
         save_adv(path, adv, x_fit, None, seconds)
@@ -123,7 +108,7 @@ def _lid(cfg, run, budget, objective, model, x_fit, adv_fit, device, passes, n):
             det.fit(model, x_fit, adv_fit, noisy_like(x_fit, adv_fit, seed=cfg.seed))
             det.save(path)
             return time.perf_counter() - t0
-        seconds = _indivisible(budget, "LID", passes(objective, model,
+        seconds = budget.run_unit("LID", passes(objective, model,
                                                      3.0 * len(x_fit) / n),
                                work)
         run.record(key, {"seconds": seconds, "layers": cfg.lid_layers or "all"})
@@ -142,7 +127,7 @@ def _mahalanobis(cfg, run, budget, objective, model, x_tr, y_tr, x_fit, adv_fit,
                     clean=x_fit, num_classes=num_classes)
             det.save(path)
             return time.perf_counter() - t0
-        seconds = _indivisible(budget, "Mahalanobis", passes(
+        seconds = budget.run_unit("Mahalanobis", passes(
             objective, model, (len(x_tr) + 3.0 * len(x_fit)) / n), work)
         run.record(key, {"seconds": seconds})
     return MahalanobisDetector.load(path, device)
@@ -189,7 +174,7 @@ def _adaptive(cfg, run, budget, objective, name, model, det, x_att, y_att, devic
                 torch.cuda.synchronize(device)
             return adv.cpu(), info, time.perf_counter() - t0
         estimate = passes(objective, model, per_step * steps * len(rows) / len(x_att))
-        adv, info, seconds = _indivisible(budget, f"attack {name}", estimate, work)
+        adv, info, seconds = budget.run_unit(f"attack {name}", estimate, work)
         save_adv(path, adv, x, info, seconds)
         run.record(key, {"seconds": seconds, "threshold": threshold, "n": len(rows)})
     return load_adv(path, x)[0]
@@ -244,7 +229,7 @@ def run_units(cfg, run, budget, device, objective, model, det, data, num_classes
     # scoring: 5 detectors x (2 + 9 attacks) half-sets, LID / Mahalanobis a few passes
     estimate = passes(objective, model, 5 * 11 * 0.5 * 2.0)
     t0 = time.perf_counter()
-    table = _indivisible(budget, "defense table", estimate, work)
+    table = budget.run_unit("defense table", estimate, work)
     record = {name: {d: _json_metrics(table[name][d]) for d in DETECTORS}
               for name in (*ATTACKS, *ADAPTIVE_ATTACKS)}
     run.record(f"{objective}/defense", {"fpr": cfg.defense_fpr,

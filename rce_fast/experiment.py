@@ -361,13 +361,9 @@ def _pipeline(cfg, run: _RunState, budget: Budget, device, data, log, force_resu
 
     est = sum(passes(o, _load_model(cfg, run, o, device), 4.0 + 2 * len(ATTACKS))
               for o in ("ce", "rce")) + 10.0
-    if not budget.allow("report", est):
-        _stop(budget)
-    with budget.abandonable():
-        results = _report(cfg, run, device, (x_tr, y_tr, x_te, y_te), num_classes, log,
-                          run.session_record(device, budget, "finished"))
-    budget.done()
-    return results
+    return budget.run_unit("report", est, lambda: _report(
+        cfg, run, device, (x_tr, y_tr, x_te, y_te), num_classes, log,
+        run.session_record(device, budget, "finished")))
 
 
 def _load_model(cfg, run, objective, device):
@@ -396,11 +392,8 @@ def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, x_a
                            force_resume=force_resume, keep_optimizer=False)
         seconds = history["seconds"]
     model = _load_model(cfg, run, objective, device)  # the same path on every run
-    if not budget.allow("test error", passes(objective, model, len(x_te) / len(x_att))):
-        _stop(budget)
-    with budget.abandonable():
-        error = evaluate_error(model, x_te, y_te)
-    budget.done()
+    error = budget.run_unit("test error", passes(objective, model, len(x_te) / len(x_att)),
+                            lambda: evaluate_error(model, x_te, y_te))
     run.record(key, {"seconds": seconds, "test_error": error})
     log(f"[{objective}] test error {error:.2f}% (trained in {seconds:.0f}s)")
     return model

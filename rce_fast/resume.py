@@ -41,7 +41,9 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 from ._io import atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 
@@ -239,6 +241,17 @@ class Budget:
         self.grants.append((kind, 1))
         self._open = (kind, 1, self.clock())
         return True
+
+    def run_unit(self, kind: str, estimate: float | None, work: Callable[[], T]) -> T:
+        """Run ``work()`` as one indivisible unit: raise :class:`StopRequested` before it
+        if it does not fit (:meth:`allow`); a signal during it abandons it (it is redone
+        next run). Returns what ``work`` returns."""
+        if not self.allow(kind, estimate):
+            raise StopRequested(self.stop_reason or "stop requested")
+        with self.abandonable():
+            out = work()
+        self.done()
+        return out
 
     def done(self, steps: int | None = None) -> None:
         """Close the open chunk or unit; ``steps`` actually run (default: all granted)."""
