@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import torch
 import torch.nn.functional as F
 
 import rce_fast
 from rce_fast.models import Classifier, build_model
-from tests.helpers import MLP, digits_tensors
-
-MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from tests.helpers import MLP, MNIST_DIR, digits_tensors
 
 
 @functools.lru_cache(maxsize=None)

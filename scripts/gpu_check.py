@@ -16,8 +16,15 @@ Stages, in order, each with its own time cap (a share of what is left of the bud
 
 Every command runs in its own process group and is killed at its cap: nothing can hang.
 A stage out of time is reported "skipped", with what it finished (tests passed so far,
-benchmark groups done). Writes OUT_DIR/summary.json, OUT_DIR/summary.md and
-OUT_DIR/gpu_check.log, and prints summary.md at the end.
+benchmark groups done). Writes four files, OUT_DIR/summary.json, summary.md,
+gpu_check.log and bench_raw.json (every group's pytest-benchmark JSON), and prints
+summary.md at the end. Four, because the device tool brings back at most eight files
+from $OUT: scratch files (the sanitizer's script, each group's JSON) live elsewhere.
+
+What the GPU machine lacks travels in ``.gpu_carry/`` (git-ignored; filled here by
+scripts/gpu_prepare.sh and named in the device call's carry): ``wheels/*.whl`` are
+installed --no-index --no-deps in the build stage (torchattacks, the benchmarks'
+baseline), and ``mnist/`` becomes RCE_FAST_MNIST_DIR for the tests and benchmarks.
 
 ``--cpu`` runs the same orchestration without a GPU (what CI tests): the build stage is
 skipped unless asked for, and stages that need a GPU report "skipped" with the reason.
@@ -35,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,8 @@ BENCH_GROUPS = ("benchmarks/test_bench_loss.py", "benchmarks/test_bench_kdensity
                 "benchmarks/test_bench_jsma.py", "benchmarks/test_bench_rates.py",
                 "benchmarks/test_bench_attacks.py")
 MIN_GROUP_SECONDS = 20.0
+# What scripts/gpu_prepare.sh stages for the device call (see the module docstring).
+CARRY = ROOT / ".gpu_carry"
 
 # GPU targets of the GPU-readiness issue: case name (as the benchmarks record it) ->
 # (baseline role, minimum ratio baseline / rce_fast).
@@ -198,18 +208,28 @@ def stage_build(ctx) -> dict:
     cap_ = ctx.env_info.get("capability")
     if cap_:
         env["CMAKE_CUDA_ARCHITECTURES"] = f"{cap_[0]}{cap_[1]}"  # this GPU only: short build
+    wheels = sorted((CARRY / "wheels").glob("*.whl"))
+    wheel_seconds, wheels_ok = 0.0, True
+    if wheels:  # no network there: carried wheels only, their needs are already there
+        res = run_command([_python(), "-m", "pip", "install", "--no-index", "--no-deps",
+                           "--disable-pip-version-check", "-q", *wheels],
+                          min(120.0, ctx.cap("build")), ctx.log)
+        wheel_seconds, wheels_ok = res.seconds, res.rc == 0
     cmd = [_python(), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
            "--disable-pip-version-check", "-q", "-e", "."]
     res = run_command(cmd, ctx.cap("build"), ctx.log, env=env)
+    res.seconds += wheel_seconds
     if res.timed_out:
         return {"status": "skipped", "seconds": res.seconds, "reason": "out of time"}
     check = run_command([_python(), "-c", "import rce_fast, rce_fast._C as c; "
                          "print('WITH_CUDA', c.with_cuda)"], 60, ctx.log)
     with_cuda = "WITH_CUDA True" in check.output
-    ok = res.rc == 0 and check.rc == 0 and (with_cuda or ctx.args.cpu)
+    ok = res.rc == 0 and check.rc == 0 and (with_cuda or ctx.args.cpu) and wheels_ok
     return {"status": "passed" if ok else "failed", "seconds": res.seconds + check.seconds,
             "extension_with_cuda": with_cuda,
-            "cuda_architectures": env.get("CMAKE_CUDA_ARCHITECTURES")}
+            "cuda_architectures": env.get("CMAKE_CUDA_ARCHITECTURES"),
+            "carried_wheels": [w.name for w in wheels],
+            **({} if wheels_ok else {"reason": "installing the carried wheels failed"})}
 
 
 _PYTEST_LINE = re.compile(r"^(\S+::\S+.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.M)
@@ -279,7 +299,7 @@ def stage_sanitizer(ctx) -> dict:
         return {"status": "skipped", "seconds": 0.0, "reason": "no GPU"}
     if tool is None:
         return {"status": "skipped", "seconds": 0.0, "reason": "compute-sanitizer not found"}
-    script = ctx.out / "sanitizer_script.py"
+    script = ctx.scratch / "sanitizer_script.py"
     script.write_text(SANITIZER_SCRIPT)
     cap = ctx.cap("sanitizer")
     start = time.monotonic()
@@ -315,7 +335,7 @@ def stage_bench(ctx) -> dict:
         if left < MIN_GROUP_SECONDS:
             skipped.extend(groups[i:])
             break
-        out_json = ctx.out / f"bench_{Path(group).stem}.json"
+        out_json = ctx.scratch / f"bench_{Path(group).stem}.json"
         cmd = [_python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", group,
                f"--benchmark-json={out_json}", "--benchmark-max-time=0.5",
                "--benchmark-min-rounds=3", "--benchmark-warmup=on"]
@@ -334,11 +354,26 @@ def stage_bench(ctx) -> dict:
         if out_json.exists():
             jsons.append(out_json)
     cases = bench_cases(jsons, ctx.env_info.get("gpu"))
+    merge_bench_json(jsons, ctx.out / "bench_raw.json")
     seconds = time.monotonic() - start
     status = "failed" if failed else ("skipped" if skipped else "passed")
     return {"status": status, "seconds": seconds, "groups_done": done,
             "groups_skipped": skipped, "groups_failed": failed,
             "reason": "out of time" if skipped and not failed else None, "cases": cases}
+
+
+def merge_bench_json(json_paths, dest: Path) -> None:
+    """Every group's pytest-benchmark JSON in one file, {group file stem: its JSON}."""
+    merged = {}
+    for path in json_paths:
+        try:
+            merged[Path(path).stem] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            merged[Path(path).stem] = {"unreadable": f"{type(exc).__name__}: {exc}"}
+    if merged:
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, dest)
 
 
 # --------------------------------------------------------------------- bench analysis
@@ -453,6 +488,7 @@ class Context:
     def __init__(self, args, out: Path, log, budget: Budget):
         self.args, self.out, self.log, self.budget = args, out, log, budget
         self.env_info: dict = {}
+        self.scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
 
     def cap(self, stage: str) -> float:
         return self.budget.cap(self.args.shares.get(stage, DEFAULT_SHARES[stage]),
@@ -516,10 +552,13 @@ def main(argv=None, clock=time.monotonic) -> int:
         print(f"gpu_check: cannot write to {out}: {exc}", file=sys.stderr)
         return 2
     budget = Budget(args.budget, clock)
+    if (CARRY / "mnist" / "train-images-idx3-ubyte.gz").exists():
+        os.environ.setdefault("RCE_FAST_MNIST_DIR", str(CARRY / "mnist"))
     ctx = Context(args, out, log, budget)
     summary = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
                "budget_s": args.budget, "mode": "cpu" if args.cpu else "gpu",
-               "gpu": None, "torch": None, "triton": None, "stages": {}, "cases": []}
+               "gpu": None, "torch": None, "triton": None,
+               "mnist": os.environ.get("RCE_FAST_MNIST_DIR"), "stages": {}, "cases": []}
     for stage in STAGES:
         if stage in args.skip or (args.only and stage not in args.only and stage != "env"):
             summary["stages"][stage] = {"status": "skipped", "seconds": 0.0,
@@ -542,6 +581,7 @@ def main(argv=None, clock=time.monotonic) -> int:
     summary["total_seconds"] = round(budget.total - budget.left(), 1)
     write_summary(out, summary)
     log.close()
+    shutil.rmtree(ctx.scratch, ignore_errors=True)
     print((out / "summary.md").read_text())
     failed = [s for s, r in summary["stages"].items() if r["status"] == "failed"]
     return 1 if failed else 0

@@ -8,7 +8,8 @@
 # STATE_DIR  the run's state folder (for example
 #            benchmarks/results/2026-12-01_h100_mnist-paper); it is what must travel
 #            between sessions: commit it, or bring it back and carry it.
-# MNIST_DIR  the four MNIST IDX files (a folder git ignores, named in the call's carry).
+# MNIST_DIR  the four MNIST IDX files (.gpu_carry/mnist, staged by scripts/gpu_prepare.sh
+#            and named in the call's carry).
 # SECONDS    wall-clock seconds for this whole script (default 540: a 600 s command limit
 #            leaves a minute for the start and the copy back). The build's time comes
 #            off the run's --time-budget.

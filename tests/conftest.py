@@ -18,15 +18,15 @@ if USE_INTERPRETER:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 import rce_fast  # noqa: E402
+from tests import helpers as _helpers  # noqa: E402
 from tests import triton_compat  # noqa: E402
 
 INTERPRETER_PATCHED = USE_INTERPRETER and triton_compat.apply()
-MNIST_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = _helpers.MNIST_DIR  # re-exported for the tests
 
 
 def pytest_report_header(config):

@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 
 import torch
 from sklearn.datasets import load_digits
 
 import rce_fast
+
+
+# Real MNIST (IDX gz, torchvision names) for the tests and benchmarks that use it when
+# present: ../shared/data/mnist beside the checkout, or RCE_FAST_MNIST_DIR (the GPU
+# machine, where only the repository travels: scripts/gpu_prepare.sh stages a copy).
+MNIST_DIR = pathlib.Path(os.environ.get("RCE_FAST_MNIST_DIR") or
+                         pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+                         / "mnist")
 
 
 @functools.lru_cache(maxsize=None)

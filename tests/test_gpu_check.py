@@ -83,6 +83,11 @@ def test_cpu_mode_end_to_end_writes_the_summary(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| tests | passed |" in md and md in proc.stdout
     assert (out / "gpu_check.log").stat().st_size > 0
+    # The device tool brings back at most eight files from $OUT: exactly these four.
+    assert sorted(f.name for f in out.iterdir()) == [
+        "bench_raw.json", "gpu_check.log", "summary.json", "summary.md"]
+    # --cpu runs the benchmarks with timing disabled: the group is there, with no stats
+    assert list(json.loads((out / "bench_raw.json").read_text())) == ["bench_test_bench_jsma"]
 
 
 def test_a_stage_out_of_time_is_skipped_with_what_it_finished(tmp_path):
