@@ -15,7 +15,9 @@ def _write_idx(path, arr, gz):
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim,
                                                                   *arr.shape)
     payload = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(payload)
+    # closed explicitly: since Python 3.12 an unclosed GzipFile may never flush its buffer
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
 
 
 @pytest.mark.parametrize("gz", [False, True])
