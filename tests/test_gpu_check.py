@@ -142,3 +142,41 @@ def test_bench_analysis_ratios_bandwidth_and_targets(tmp_path):
     md = gpu_check.render_markdown({"stages": {}, "cases": list(cases.values()),
                                     "targets": targets})
     assert "MISSED" in md and "GB/s" in md and "| GPU target |" in md and "not measured" in md
+
+
+def test_sanitizer_summary_lines():
+    """memcheck's and racecheck's summary lines, as compute-sanitizer prints them: racecheck
+    warnings are recorded, its errors count as errors."""
+    clean = gpu_check.sanitizer_counts("========= ERROR SUMMARY: 0 errors\n")
+    assert clean == {"errors": 0, "hazards": None, "warnings": None}
+    race = gpu_check.sanitizer_counts(
+        "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
+    assert race == {"errors": 1, "hazards": 3, "warnings": 2}
+    warn = gpu_check.sanitizer_counts(
+        "========= RACECHECK SUMMARY: 1 hazard displayed (0 errors, 1 warning)\n"
+        "========= ERROR SUMMARY: 0 errors\n")
+    assert warn == {"errors": 0, "hazards": 1, "warnings": 1}
+    assert gpu_check.sanitizer_counts("Segmentation fault")["errors"] is None
+    # every family of our kernels is selected, in compute-sanitizer's key=value form
+    args = gpu_check.SANITIZER_ARGS
+    filters = [args[i + 1] for i, a in enumerate(args) if a == "--kernel-name"]
+    assert filters == ["kns=pairs_", "kns=_rce_", "kns=_kd_"]
+
+
+def test_default_bench_groups_cover_every_benchmark_once():
+    """The default groups (headline cases first, the rest of each file later) select every
+    benchmark in benchmarks/ exactly once, as pytest collects them on this machine."""
+    def collect(args):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                               "-p", "no:cacheprovider", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode in (0, 5), proc.stdout[-2000:] + proc.stderr[-2000:]
+        return [line for line in proc.stdout.splitlines() if "::" in line]
+
+    everything = collect(sorted(str(p.relative_to(ROOT))
+                                for p in (ROOT / "benchmarks").glob("test_*.py")))
+    grouped = [t for _, selection in gpu_check.BENCH_GROUPS for t in collect(selection)]
+    assert len(grouped) == len(set(grouped)), "a benchmark runs in two groups"
+    assert sorted(grouped) == sorted(everything)
+    targets = collect(dict(gpu_check.BENCH_GROUPS)["targets"])
+    assert any("test_kdensity_100k" in t for t in targets)

@@ -14,6 +14,17 @@ from tests.reference import kdensity_reference, rce_loss_reference
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_interpreter = pytest.mark.skipif(not INTERP, reason="the Triton interpreter is off")
+# The Triton-only kernel tests below run where Triton runs: the interpreter on CPU
+# tensors, or the compiled kernels on a GPU (one process cannot do both).
+TRITON_DEVICES = [pytest.param("cpu", id="interp"),
+                  pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _skip_unless_triton_runs_on(device):
+    if device == "cpu" and not INTERP:
+        pytest.skip("the Triton interpreter is off (the cuda case runs the compiled kernels)")
+    if device == "cuda" and (INTERP or not torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU with compiled Triton kernels")
 
 
 def _kd_data(n, m, d, classes, dtype=torch.float32, device="cpu", seed=0, near=False):
@@ -102,32 +113,35 @@ def test_host_sync_forbidden_is_false_on_cpu():
 
 # ------------------------------------------------------- feature sizes real users have
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dim", [65, 768, 2048, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_wide_features_run_in_the_fused_kernel(dim, dtype):
+def test_wide_features_run_in_the_fused_kernel(dim, dtype, device):
     """ViT-B (768), ResNet-50 (2048) and 4096-d features: forward and gradient against
-    the float64 brute force, through the tiled (D > 64) Triton kernels."""
-    if not INTERP:
-        pytest.skip("the Triton interpreter is off (the cuda cases cover it on a GPU)")
+    the float64 brute force, through the tiled (D > 64) Triton kernels (on a GPU, the
+    tiled backward's global accumulator and its barriers run for real)."""
+    _skip_unless_triton_runs_on(device)
     q, b, bl, qc = _kd_data(40, 70, dim, 3, dtype, seed=dim)
     sigma2 = 2.0 * dim  # keeps the kernel weights spread over several bank rows
+    w = torch.linspace(-1.0, 2.0, 40)
     with rce_fast.use_backend("triton"):
-        assert ops._backend.pick("kdensity", ops._KD_LSE, q=q).name == "triton"
-        qq = q.clone().requires_grad_(True)
-        out = rce_fast.kdensity(qq, b, bl, qc, sigma2)
-        w = torch.linspace(-1.0, 2.0, 40)
-        (out * w).sum().backward()
+        qd = q.to(device)
+        assert ops._backend.pick("kdensity", ops._KD_LSE, q=qd).name == "triton"
+        qq = qd.clone().requires_grad_(True)
+        out = rce_fast.kdensity(qq, b.to(device), bl.to(device), qc.to(device), sigma2)
+        (out * w.to(device)).sum().backward()
+    out, grad = out.cpu(), qq.grad.cpu()
     q64 = q.double().requires_grad_(True)
     ref = kdensity_reference(q64, b.double(), bl, qc, sigma2)
     (ref * w.double()).sum().backward()
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(qq.grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
     else:  # the class-centred bf16 copy the kernel receives is the error: bound by it
         from tests.test_kdensity import _low_precision_reference
         low = _low_precision_reference(q, b, bl, qc, sigma2, dtype)
         assert (out.double() - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
-        assert torch.isfinite(qq.grad.float()).all()
+        assert torch.isfinite(grad.float()).all()
 
 
 # ------------------------------------------------------ low-precision gradient weights
@@ -142,9 +156,10 @@ def _sorted_inputs(q, b, bl, qc, classes):
     return q[order].contiguous(), off, b[border].contiguous(), boff, qc[order], bl[border]
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dim", [48, 200])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_gradient_keeps_fp32_softmax_weights(dtype, dim):
+def test_low_precision_gradient_keeps_fp32_softmax_weights(dtype, dim, device):
     """kdensity_grad on fp16/bf16 inputs against float64 autograd AT THOSE SAME INPUTS,
     with queries next to their class centre so that sum_j p_j x_j - q cancels: the only error
     left is the kernel's arithmetic plus the final rounding to the output dtype. Rounding
@@ -152,8 +167,7 @@ def test_low_precision_gradient_keeps_fp32_softmax_weights(dtype, dim):
     of |x| to the gradient entries (the test checks that it would break the bound on a
     few percent of them); fp32 weights keep the error near fp32 rounding.
     """
-    if not INTERP:
-        pytest.skip("the Triton interpreter is off (the cuda cases cover it on a GPU)")
+    _skip_unless_triton_runs_on(device)
     classes = 3
     q, b, bl, qc = _kd_data(64, 90, dim, classes, torch.float64, seed=7, near=True)
     # centred on the class means, as rce_fast.kdensity hands them to the kernel
@@ -161,10 +175,12 @@ def test_low_precision_gradient_keeps_fp32_softmax_weights(dtype, dim):
     q, b = (q - centers[qc]).to(dtype), (b - centers[bl]).to(dtype)
     qs, off, bs, boff, qcs, bls = _sorted_inputs(q, b, bl, qc, classes)
     sigma2 = 0.2 * dim  # weights spread over many bank rows
+    g = torch.linspace(0.5, 1.5, 64)
     with rce_fast.use_backend("triton"):
-        lse = torch.ops.rce_fast.kdensity_lse(qs, off, bs, boff, sigma2)
-        g = torch.linspace(0.5, 1.5, 64)
-        dq = torch.ops.rce_fast.kdensity_grad(g, qs, off, bs, boff, lse, sigma2)
+        dev = [t.to(device) for t in (qs, off, bs, boff)]
+        lse = torch.ops.rce_fast.kdensity_lse(*dev, sigma2)
+        dq = torch.ops.rce_fast.kdensity_grad(g.to(device), *dev, lse, sigma2)
+    lse, dq = lse.cpu(), dq.cpu()
     q64 = qs.double().requires_grad_(True)
     ref_lse = kdensity_reference(q64, bs.double(), bls, qcs, sigma2) + \
         torch.bincount(bls, minlength=classes)[qcs].double().log()
