@@ -76,6 +76,11 @@ def test_rce_loss_forward_backward(record, shape, impl):
         from rce_fast import ops
         extra["cpu_path"] = ops.rce_cpu_choices().get(ops._rce_shape_class(z), "torch")
     record(_case(n, num_classes), impl, step, bytes=bytes_moved, **extra)
-    expected = rce_loss_reference(z.detach().cpu(), y.cpu(), dtype=torch.float64)
-    assert torch.isfinite(z.grad).all() if z.grad is not None else True
-    assert expected.isfinite()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    if impl == "rce_fast":  # what was timed computes the loss (tests/ hold the full check)
+        rows = slice(0, 64)
+        got = fn(z.detach()[rows], y[rows]).double().cpu()
+        want = rce_loss_reference(z.detach()[rows].double().cpu(), y[rows].cpu(),
+                                  dtype=torch.float64)
+        eps = torch.finfo(DTYPE).eps
+        assert abs(got - want) <= 8 * eps * (1 + abs(want)), (got, want)
