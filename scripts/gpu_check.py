@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -248,6 +249,9 @@ def stage_build(ctx) -> dict:
 
 
 _PYTEST_LINE = re.compile(r"^(\S+::\S+.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.M)
+# the same under pytest-xdist: "[gw0] [ 16%] PASSED tests/x.py::test_y"
+_XDIST_LINE = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) "
+                         r"(\S+::\S+.*?)\s*$", re.M)
 
 
 def pytest_progress(output: str) -> dict:
@@ -255,12 +259,13 @@ def pytest_progress(output: str) -> dict:
     failing test ids."""
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
     failing = []
-    for test, outcome in _PYTEST_LINE.findall(output):
+    lines = _PYTEST_LINE.findall(output) + [(t, o) for o, t in _XDIST_LINE.findall(output)]
+    for test, outcome in lines:
         key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error",
                "SKIPPED": "skipped", "XFAIL": "skipped"}[outcome]
         counts[key] += 1
         if key in ("failed", "error"):
-            failing.append(test.split(" ")[0])
+            failing.append(test.strip())
     return {**counts, "failing": failing[:50]}
 
 
@@ -271,16 +276,23 @@ def stage_tests(ctx) -> dict:
         default = ["tests", "-m", "gpu"]
     selection = shlex.split(ctx.args.pytest_args) if ctx.args.pytest_args else default
     env = dict(os.environ)
+    workers = []
     if not ctx.args.cpu:
         env["RCE_FAST_TEST_INTERPRET"] = "0"   # the compiled kernels, not the interpreter
-    cmd = [_python(), "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *selection]
+        # Most of this stage is compiling (Triton kernels, inductor), one CPU core each:
+        # several test processes share the GPU (the GPU machine has 16 cores and xdist).
+        if importlib.util.find_spec("xdist") is not None and not ctx.args.pytest_args:
+            workers = ["-n", str(max(1, min(4, (os.cpu_count() or 2) // 2)))]
+    cmd = [_python(), "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *workers,
+           *selection]
     res = run_command(cmd, ctx.cap("tests"), ctx.log, env=env)
     prog = pytest_progress(res.output)
     if res.timed_out:
         return {"status": "skipped", "seconds": res.seconds, "reason": "out of time",
                 "finished": prog}
     status = "passed" if res.rc == 0 and prog["passed"] > 0 else "failed"
-    return {"status": status, "seconds": res.seconds, **prog, "rc": res.rc}
+    return {"status": status, "seconds": res.seconds, **prog, "rc": res.rc,
+            "workers": int(workers[1]) if workers else 1}
 
 
 SANITIZER_SCRIPT = """

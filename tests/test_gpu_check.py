@@ -180,3 +180,18 @@ def test_default_bench_groups_cover_every_benchmark_once():
     assert sorted(grouped) == sorted(everything)
     targets = collect(dict(gpu_check.BENCH_GROUPS)["targets"])
     assert any("test_kdensity_100k" in t for t in targets)
+
+
+def test_pytest_progress_reads_plain_and_xdist_output():
+    plain = ("tests/a.py::test_x[cuda] PASSED [ 10%]\n"
+             "tests/a.py::test_y[cuda] FAILED [ 20%]\n"
+             "tests/b.py::test_z SKIPPED (needs a CUDA GPU) [ 30%]\n")
+    xdist = ("[gw0] [ 16%] PASSED tests/a.py::test_x[cuda] \n"
+             "[gw1] [ 33%] ERROR tests/b.py::test_w[args0-unknown stage] \n"
+             "tests/b.py::test_v \n"      # a test starting: no outcome yet
+             "[gw1] [ 50%] XFAIL tests/b.py::test_u \n")
+    assert gpu_check.pytest_progress(plain) == {
+        "passed": 1, "failed": 1, "error": 0, "skipped": 1, "failing": ["tests/a.py::test_y[cuda]"]}
+    got = gpu_check.pytest_progress(xdist)
+    assert (got["passed"], got["error"], got["skipped"]) == (1, 1, 1)
+    assert got["failing"] == ["tests/b.py::test_w[args0-unknown stage]"]
