@@ -35,6 +35,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not 0.0 < value < math.inf:
@@ -103,7 +110,10 @@ def add_commands(sub, dataset_help: str) -> None:
                     "(higher = more normal), the predicted class and the flag (score "
                     "below the threshold) to an .npz (score, prediction, flagged, "
                     "threshold, fpr). Under torchrun the input is split across the "
-                    "processes and one merged file is written.")
+                    "processes and one merged file is written. A run stopped by "
+                    "--time-budget, SIGTERM or SIGINT keeps what it scored (in "
+                    ".OUT.parts beside --out) and exits with status 3; the same command "
+                    "continues it, with the results of an uninterrupted run.")
     d.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
     d.add_argument("--detector", required=True, help="file from `rce-fast fit-detector`")
     d.add_argument("--input", required=True, help="images: .npy, .npz or .pt")
@@ -121,6 +131,9 @@ def add_commands(sub, dataset_help: str) -> None:
                    help="inputs per batch (default: %(default)s)")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop cleanly before this many seconds have passed (exit status "
+                        "3); the same command continues where it stopped")
 
 
 def add_attack_arguments(a) -> None:
@@ -140,11 +153,12 @@ def add_attack_arguments(a) -> None:
                    help="pgd random restarts (default: %(default)s)")
 
 
-def run(args) -> int:
-    """Run a command of :data:`COMMANDS`."""
+def run(args, budget=None) -> int:
+    """Run a command of :data:`COMMANDS`; ``budget`` (a :class:`rce_fast.resume.Budget`)
+    lets `detect` stop cleanly and resume."""
     if args.command == "fit-detector":
         return _fit_detector(args)
-    return _detect(args)
+    return _detect(args, budget)
 
 
 # ------------------------------------------------------------------------- fit-detector
@@ -274,27 +288,90 @@ def _write_npz(path: Path, parts: dict, scalars: dict) -> None:
     os.replace(tmp, path)
 
 
-def _detect(args) -> int:
+def parts_folder(out) -> Path:
+    """Where `detect` keeps its per-process parts and progress: .OUT.parts beside OUT."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.parts")
+
+
+def _detect(args, budget=None) -> int:
     """Score FILE in blocks; under torchrun each process takes a contiguous shard and
     writes it to its own .npy parts, then rank 0 merges them into one .npz. Every
     process agrees (all-reduce) on failures before each collective step, so an error
-    on one of them stops all of them instead of leaving the others waiting."""
+    on one of them stops all of them instead of leaving the others waiting. A stop
+    (``budget``: time, SIGTERM, SIGINT) keeps the parts and each process's progress, and
+    the same command continues from there."""
     import torch.distributed as dist
 
     import torch
 
+    from .resume import Budget
+
+    budget = budget if budget is not None else Budget(None)
     world, rank, local = _distributed()
     if world > 1 and dist.get_backend() == "nccl":
         torch.cuda.set_device(local)  # collectives and the default device: this rank's GPU
     out = Path(args.out)
-    parts_dir = out.with_name(f".{out.name}.parts")
+    parts_dir = parts_folder(out)
+    finished = False
     try:
-        return _detect_shard(args, world, rank, out, parts_dir)
+        code = _detect_shard(args, world, rank, out, parts_dir, budget)
+        finished = True
+        return code
     finally:
-        if rank == 0:
+        # Kept after a stop or a failure once something was scored (the next run
+        # continues from it); removed when the merged file is written.
+        if rank == 0 and (finished or not any(parts_dir.glob("rank*_progress.json"))):
             shutil.rmtree(parts_dir, ignore_errors=True)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# Progress is recorded (parts flushed first) at most this often while scoring, and at a
+# stop: a process killed outright (SIGKILL, power) redoes at most this much.
+_PROGRESS_SECONDS = 30.0
+
+
+def _file_id(path) -> dict:
+    """What identifies an input file between two runs: where it is, its size and its
+    modification time (a rewritten checkpoint or input is another file)."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _resume_point(progress: Path, settings: dict, names: dict, rows: int, quiet: bool) -> int:
+    """Rows of this shard already scored by an earlier run with the same settings (their
+    parts intact), else 0. Other settings: start over, saying so."""
+    import json
+
+    import numpy as np
+
+    from .resume import settings_diff
+
+    if not progress.is_file():
+        return 0
+    try:
+        saved = json.loads(progress.read_text())
+        done = int(saved["done"])
+        diff = settings_diff(saved["settings"], settings)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    if diff:
+        if not quiet:
+            print(f"detect: the scores kept in {progress.parent} are for other settings "
+                  f"({'; '.join(diff)}): starting over")
+        return 0
+    for k, dt in names.items():  # the parts must be what this run would write
+        f = progress.parent / f"{progress.name.split('_')[0]}_{k}.npy"
+        try:
+            a = np.load(f, mmap_mode="r")
+            ok = a.shape == (rows,) and a.dtype == np.dtype(dt)
+            del a
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            return 0
+    return done if 0 <= done <= rows else 0
 
 
 def _raise_if_any(world: int, error: Exception | None, what: str) -> None:
@@ -304,11 +381,16 @@ def _raise_if_any(world: int, error: Exception | None, what: str) -> None:
         raise ValueError(f"another process failed {what} (see its message)")
 
 
-def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path) -> int:
+def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budget) -> int:
+    import time
+
     import numpy as np
     import torch
     import torch.distributed as dist
     from tqdm.auto import tqdm
+
+    from ._io import atomic_write_text
+    from .resume import BudgetTooSmall, StopRequested
 
     from .cli import _device
     from .detect import score_inputs
@@ -351,31 +433,70 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path) -> in
     if scale == "auto":
         scale = choose_scale(source.dtype, lo, -neg_hi)
     names = {"score": np.float64, "prediction": np.int64, "flagged": np.bool_}
-    arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy", mode="w+",
-                                           dtype=dt, shape=(stop - start,))
+    rows = stop - start
+    # What must match for an earlier run's scores to be kept: every input and setting
+    # that changes a score, and the blocks (the same batches give the same bits).
+    settings = {"checkpoint": _file_id(args.checkpoint), "detector": _file_id(args.detector),
+                "input": _file_id(args.input), "key": args.key, "fpr": args.fpr,
+                "scale": scale, "batch_size": args.batch_size, "processes": world,
+                "rank": rank, "device": device.type}
+    progress = parts_dir / f"rank{rank}_progress.json"
+    done = _resume_point(progress, settings, names, rows, args.quiet or rank != 0)
+    arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy",
+                                           mode="r+" if done else "w+", dtype=dt,
+                                           shape=None if done else (rows,))
               for k, dt in names.items()}
-    bar = tqdm(total=stop - start, desc="detect", disable=args.quiet or rank != 0,
-               unit="img")
-    try:
-        for i in range(start, stop, args.batch_size):
-            j = min(stop, i + args.batch_size)
-            x = to_model_images(source.read(i, j), scale, channels_last).to(device)
-            with torch.no_grad():
-                logits, s = score_inputs(model, file.detector, x)
-            s = s.detach().double()
-            arrays["score"][i - start:j - start] = s.cpu().numpy()
-            arrays["prediction"][i - start:j - start] = logits.argmax(1).cpu().numpy()
-            arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
-            bar.update(j - i)
+
+    def record_progress(rows_done: int) -> None:
+        import json
         for a in arrays.values():
             a.flush()
+        atomic_write_text(progress, json.dumps({"done": rows_done, "settings": settings}))
+
+    if done and rank == 0 and not args.quiet:
+        print(f"detect: continuing: {done} of {rows} inputs were scored by an earlier run")
+    bar = tqdm(total=rows, initial=done, desc="detect", disable=args.quiet or rank != 0,
+               unit="img")
+    i, stopped, last = start + done, False, time.monotonic()
+    try:
+        while i < stop and not stopped:
+            blocks = budget.grant("detect", -(-(stop - i) // args.batch_size))
+            if blocks == 0:
+                stopped = True
+                break
+            ran = 0
+            for _ in range(blocks):
+                if budget.interrupted:
+                    stopped = True
+                    break
+                j = min(stop, i + args.batch_size)
+                x = to_model_images(source.read(i, j), scale, channels_last).to(device)
+                with torch.no_grad():
+                    logits, s = score_inputs(model, file.detector, x)
+                s = s.detach().double()
+                arrays["score"][i - start:j - start] = s.cpu().numpy()
+                arrays["prediction"][i - start:j - start] = logits.argmax(1).cpu().numpy()
+                arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
+                bar.update(j - i)
+                i, ran = j, ran + 1
+            budget.done(ran)
+            if not stopped and time.monotonic() - last > _PROGRESS_SECONDS:
+                record_progress(i - start)
+                last = time.monotonic()
+    except BudgetTooSmall as exc:
+        error = exc
     except (ValueError, RuntimeError, TypeError) as exc:
         error = ValueError(f"scoring failed: {str(exc).splitlines()[0]}")
     finally:
         bar.close()
         source.close()
-    del arrays
+        # what was scored is kept, whatever ended the loop (rows up to i are written)
+        record_progress(i - start)
+        arrays.clear()  # closes the memory maps before rank 0 reads the parts
     _raise_if_any(world, error, "while scoring")
+    # A stop on any process stops them all: the merge needs every part.
+    if _agree(world, [1.0 if stopped else 0.0], "max")[0]:
+        raise StopRequested(budget.stop_reason or "another process stopped")
     if rank == 0:
         parts = {k: [parts_dir / f"rank{r}_{k}.npy" for r in range(world)] for k in names}
         _write_npz(out, parts, {"threshold": np.float64(threshold),

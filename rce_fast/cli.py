@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     # part of it.
     budget = Budget(getattr(args, "time_budget", None), spent=process_age())
     try:
+        if args.command == "detect":
+            with handle_signals(budget):
+                return _cli_detect.run(args, budget)
         if args.command in _cli_detect.COMMANDS:
             return _cli_detect.run(args)
         if args.command in ("demo", "reproduce", "train"):
@@ -238,6 +241,8 @@ def main(argv=None) -> int:
     except StopRequested as exc:
         where = args.out if args.command != "reproduce" else (
             args.out or f"rce_fast_{args.dataset}")
+        if args.command == "detect":
+            where = _cli_detect.parts_folder(args.out)
         print(f"rce-fast {args.command}: not finished, run the same command again "
               f"({exc.reason}; state saved in {where})", file=sys.stderr)
         return EXIT_NOT_FINISHED

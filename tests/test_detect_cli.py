@@ -1,5 +1,6 @@
 """rce-fast fit-detector / detect / attack (adaptive), the block readers behind detect,
 and detect under torchrun (2 CPU processes, gloo)."""
+import json
 import subprocess
 import sys
 import zipfile
@@ -220,3 +221,147 @@ def test_detect_under_torchrun_writes_one_merged_file(trained):
         assert np.array_equal(a["prediction"], b["prediction"])
         assert np.array_equal(b["flagged"], b["score"] < b["threshold"])
     assert not (root / ".merged.npz.parts").exists()
+
+
+def _budget_factory(monkeypatch, **fixed):
+    """Make `rce-fast` build its Budget with ``fixed`` settings (one block per grant and
+    a deterministic stop), as a test's stop point."""
+    from rce_fast import resume
+    real = resume.Budget
+    made = []
+
+    def factory(seconds=None, **kw):
+        made.append(real(seconds, **{**kw, **fixed}))
+        return made[-1]
+    monkeypatch.setattr(resume, "Budget", factory)
+    return made
+
+
+def test_detect_stopped_and_continued_gives_the_uninterrupted_file(trained, monkeypatch,
+                                                                    capsys):
+    """A detect run stopped twice (after 2 blocks each time) and then run to the end writes
+    the file of an uninterrupted run, bit for bit; the kept parts are then removed."""
+    root, ckpt, files, x, _ = trained
+    np.save(root / "stop.npy", x[:300].numpy())          # 5 blocks of 64
+    base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "stop.npy"), "--batch-size", "64"]
+    full = root / "full.npz"
+    assert main([*base, "--out", str(full), "--quiet"]) == 0
+    out = root / "stopped.npz"
+    parts = root / ".stopped.npz.parts"
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_after=2)
+        for rows in (128, 256):
+            assert main([*base, "--out", str(out), "--quiet"]) == 3
+            assert "not finished, run the same command again" in capsys.readouterr().err
+            assert not out.exists()
+            progress = json.loads((parts / "rank0_progress.json").read_text())
+            assert progress["done"] == rows
+    assert main([*base, "--out", str(out)]) == 0
+    assert "continuing: 256 of 300 inputs" in capsys.readouterr().out
+    assert not parts.exists()
+    with np.load(full) as a, np.load(out) as b:
+        assert a.files == b.files
+        for k in a.files:
+            assert np.array_equal(a[k], b[k], equal_nan=True), k
+
+
+def test_detect_stops_on_sigterm_and_redoes_nothing_for_other_settings(trained, monkeypatch,
+                                                                       capsys):
+    """SIGTERM during `detect` stops it at the next block (exit 3, the scores kept); a
+    re-run with another --fpr starts over, saying so, and gives the fresh run's file."""
+    import os
+    import signal
+    root, ckpt, files, x, _ = trained
+    np.save(root / "term.npy", x[:200].numpy())
+    base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "term.npy"), "--batch-size", "50"]
+    out = root / "term.npz"
+
+    def terminate_at_third(kind, grants):
+        if len(grants) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler detect installed
+        return False
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_if=terminate_at_third)
+        assert main([*base, "--out", str(out), "--quiet"]) == 3
+    assert "SIGTERM received" in capsys.readouterr().err
+    parts = root / ".term.npz.parts"
+    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 100
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored
+    assert main([*base, "--out", str(out), "--fpr", "0.2"]) == 0
+    said = capsys.readouterr().out
+    assert "for other settings (fpr: None before, 0.2 now)" in said and "starting over" in said
+    fresh = root / "term_fresh.npz"
+    assert main([*base, "--out", str(fresh), "--fpr", "0.2", "--quiet"]) == 0
+    with np.load(fresh) as a, np.load(out) as b:
+        for k in a.files:
+            assert np.array_equal(a[k], b[k], equal_nan=True), k
+
+
+def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch, capsys):
+    root, ckpt, files, x, _ = trained
+    np.save(root / "small.npy", x[:120].numpy())
+    base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "small.npy"), "--batch-size", "40", "--quiet"]
+    out = root / "small.npz"
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_after=1)
+        assert main([*base, "--out", str(out)]) == 3
+    parts = root / ".small.npz.parts"
+    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
+    capsys.readouterr()
+    # a budget already spent before the first block: an error (exit 2), the parts stay
+    with monkeypatch.context() as m:
+        _budget_factory(m, spent=1e6)
+        assert main([*base, "--out", str(out), "--time-budget", "5"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
+    assert main([*base, "--out", str(out)]) == 0 and not parts.exists()
+
+
+_STOP_RANK0 = """
+import os, sys
+from rce_fast import resume
+real = resume.Budget
+def factory(seconds=None, **kw):  # rank 0 stops after one block; rank 1 runs to the end
+    if os.environ.get("RANK") == "0":
+        kw.update(max_chunk=1, stop_after=1)
+    return real(seconds, **kw)
+resume.Budget = factory
+from rce_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_detect_under_torchrun_stops_together_and_continues(trained):
+    """Under torchrun a stop on one process stops every process (exit 3, no merged file:
+    the merge needs every part); the same command then finishes, and the merged file
+    equals the single-process one."""
+    root, ckpt, files, x, _ = trained
+    np.save(root / "tr.npy", x[:90].numpy())
+    single = root / "tr_single.npz"
+    args = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "tr.npy"), "--batch-size", "16", "--quiet"]
+    assert main([*args, "--out", str(single)]) == 0
+    (root / "stop_rank0.py").write_text(_STOP_RANK0)
+    merged = root / "tr_merged.npz"
+
+    def torchrun(*script):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node=2", "--master_port=29534", *script,
+                               *args, "--out", str(merged)],
+                              capture_output=True, text=True, timeout=600, cwd=root)
+    proc = torchrun(str(root / "stop_rank0.py"))
+    assert proc.returncode != 0 and "not finished" in proc.stderr, proc.stderr[-3000:]
+    assert not merged.exists()
+    parts = root / ".tr_merged.npz.parts"
+    done = [json.loads((parts / f"rank{r}_progress.json").read_text())["done"]
+            for r in (0, 1)]
+    assert done == [16, 45]                     # rank 1 had finished its half
+    proc = torchrun("-m", "rce_fast")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not parts.exists()
+    with np.load(single) as a, np.load(merged) as b:
+        np.testing.assert_allclose(b["score"], a["score"], rtol=1e-6, atol=1e-6)
+        assert np.array_equal(a["prediction"], b["prediction"])
