@@ -321,7 +321,7 @@ def _detect(args, budget=None) -> int:
     finally:
         # Kept after a stop or a failure once something was scored (the next run
         # continues from it); removed when the merged file is written.
-        if rank == 0 and (finished or not any(parts_dir.glob("rank*_progress.json"))):
+        if rank == 0 and (finished or not _scored_any(parts_dir)):
             shutil.rmtree(parts_dir, ignore_errors=True)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -330,6 +330,18 @@ def _detect(args, budget=None) -> int:
 # Progress is recorded (parts flushed first) at most this often while scoring, and at a
 # stop: a process killed outright (SIGKILL, power) redoes at most this much.
 _PROGRESS_SECONDS = 30.0
+
+
+def _scored_any(parts_dir: Path) -> bool:
+    """Whether any process recorded scored rows in ``parts_dir``."""
+    import json
+    for f in parts_dir.glob("rank*_progress.json"):
+        try:
+            if int(json.loads(f.read_text())["done"]) > 0:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
 
 
 def _file_id(path) -> dict:
@@ -442,6 +454,8 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
                 "rank": rank, "device": device.type}
     progress = parts_dir / f"rank{rank}_progress.json"
     done = _resume_point(progress, settings, names, rows, args.quiet or rank != 0)
+    if not done:  # starting over: no progress of other settings may outlive its parts
+        progress.unlink(missing_ok=True)
     arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy",
                                            mode="r+" if done else "w+", dtype=dt,
                                            shape=None if done else (rows,))
@@ -449,7 +463,9 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
 
     def record_progress(rows_done: int) -> None:
         import json
-        for a in arrays.values():
+        if rows_done <= 0:
+            return
+        for a in arrays.values():  # the scores first, then the record that they exist
             a.flush()
         atomic_write_text(progress, json.dumps({"done": rows_done, "settings": settings}))
 

@@ -317,7 +317,18 @@ def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch,
         assert main([*base, "--out", str(out), "--time-budget", "5"]) == 2
     assert "too small" in capsys.readouterr().err
     assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
+    # other settings start over (the kept scores are overwritten): when that run ends
+    # before scoring anything, no record of the old scores may survive it
+    with monkeypatch.context() as m:
+        _budget_factory(m, spent=1e6)
+        assert main([*base, "--out", str(out), "--fpr", "0.3", "--time-budget", "5"]) == 2
+    assert not parts.exists()
     assert main([*base, "--out", str(out)]) == 0 and not parts.exists()
+    fresh = root / "small_fresh.npz"
+    assert main([*base, "--out", str(fresh)]) == 0
+    with np.load(fresh) as a, np.load(out) as b:
+        for k in a.files:
+            assert np.array_equal(a[k], b[k], equal_nan=True), k
 
 
 _STOP_RANK0 = """
