@@ -380,7 +380,7 @@ def stage_bench(ctx) -> dict:
               if ctx.args.bench_groups else list(BENCH_GROUPS))
     start = time.monotonic()
     cap = ctx.cap("bench")
-    done, skipped, failed, jsons = [], [], [], []
+    done, skipped, failed, jsons, ran = [], [], [], [], []
     for i, (group, selection) in enumerate(groups):
         left = cap - (time.monotonic() - start)
         if left < MIN_GROUP_SECONDS:
@@ -398,6 +398,7 @@ def stage_bench(ctx) -> dict:
         share = left if i == len(groups) - 1 else max(
             MIN_GROUP_SECONDS, left * weights[0] / sum(weights) * 1.5)
         res = run_command(cmd, min(left, share), ctx.log)
+        ran.append(out_json)
         if res.timed_out:
             skipped.append(group)
         elif res.rc not in (0, 5):  # 5: pytest selected nothing (a case this device skips)
@@ -407,7 +408,7 @@ def stage_bench(ctx) -> dict:
         if out_json.exists():
             jsons.append(out_json)
     cases = bench_cases(jsons, ctx.env_info.get("gpu"))
-    merge_bench_json(jsons, ctx.out / "bench_raw.json")
+    merge_bench_json(ran, ctx.out / "bench_raw.json")
     seconds = time.monotonic() - start
     status = "failed" if failed else ("skipped" if skipped else "passed")
     return {"status": status, "seconds": seconds, "groups_done": done,
@@ -416,17 +417,22 @@ def stage_bench(ctx) -> dict:
 
 
 def merge_bench_json(json_paths, dest: Path) -> None:
-    """Every group's pytest-benchmark JSON in one file, {group file stem: its JSON}."""
+    """Every group's pytest-benchmark JSON in one file, {file stem: its JSON}; a group
+    that left none (cut off at its cap, or timing disabled) is there with the reason."""
     merged = {}
     for path in json_paths:
+        path = Path(path)
+        if not path.exists():
+            merged[path.stem] = {"no_json": "pytest-benchmark wrote none (the run was cut "
+                                            "off, failed early, or timing was disabled)"}
+            continue
         try:
-            merged[Path(path).stem] = json.loads(Path(path).read_text())
+            merged[path.stem] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            merged[Path(path).stem] = {"unreadable": f"{type(exc).__name__}: {exc}"}
-    if merged:
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        os.replace(tmp, dest)
+            merged[path.stem] = {"unreadable": f"{type(exc).__name__}: {exc}"}
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, dest)
 
 
 # --------------------------------------------------------------------- bench analysis
