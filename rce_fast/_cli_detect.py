@@ -113,7 +113,8 @@ def add_commands(sub, dataset_help: str) -> None:
                     "processes and one merged file is written. A run stopped by "
                     "--time-budget, SIGTERM or SIGINT keeps what it scored (in "
                     ".OUT.parts beside --out) and exits with status 3; the same command "
-                    "continues it, with the results of an uninterrupted run.")
+                    "continues it, with the results of an uninterrupted run; kept "
+                    "scores of other inputs or settings are refused unless --restart.")
     d.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
     d.add_argument("--detector", required=True, help="file from `rce-fast fit-detector`")
     d.add_argument("--input", required=True, help="images: .npy, .npz or .pt")
@@ -134,6 +135,8 @@ def add_commands(sub, dataset_help: str) -> None:
     d.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds have passed (exit status "
                         "3); the same command continues where it stopped")
+    d.add_argument("--restart", action="store_true",
+                   help="discard the scores kept by an earlier, stopped run and start over")
 
 
 def add_attack_arguments(a) -> None:
@@ -327,9 +330,12 @@ def _detect(args, budget=None) -> int:
             dist.destroy_process_group()
 
 
-# Progress is recorded (parts flushed first) at most this often while scoring, and at a
-# stop: a process killed outright (SIGKILL, power) redoes at most this much.
+# Progress is recorded (parts flushed first) at least this often while scoring, and at
+# a stop: a process killed outright (SIGKILL, power) redoes at most this much.
 _PROGRESS_SECONDS = 30.0
+# Under torchrun the processes agree this often whether to go on (a stop on one stops
+# all within about this long, and a process that is done waits no longer than this).
+_AGREE_SECONDS = 10.0
 
 
 def _scored_any(parts_dir: Path) -> bool:
@@ -344,35 +350,49 @@ def _scored_any(parts_dir: Path) -> bool:
     return False
 
 
-def _file_id(path) -> dict:
-    """What identifies an input file between two runs: where it is, its size and its
-    modification time (a rewritten checkpoint or input is another file)."""
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _file_id(path, whole: bool) -> dict:
+    """What identifies a file between two runs, by content: its size and a BLAKE2 hash of
+    all of it (``whole``: checkpoints and detectors, a few MB), or of its first and last
+    MiB and 16 evenly spaced 64 KiB samples (inputs, which may be larger than memory)."""
+    import hashlib
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if whole:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            spots = [0, max(0, size - (1 << 20))] + [size * k // 17 for k in range(1, 17)]
+            for at in spots:
+                f.seek(at)
+                h.update(f.read(1 << 20 if at in spots[:2] else 1 << 16))
+    return {"size": size, "blake2b": h.hexdigest()}
 
 
-def _resume_point(progress: Path, settings: dict, names: dict, rows: int, quiet: bool) -> int:
+def _resume_point(progress: Path, settings: dict, names: dict, rows: int,
+                  restart: bool) -> int:
     """Rows of this shard already scored by an earlier run with the same settings (their
-    parts intact), else 0. Other settings: start over, saying so."""
+    parts intact); 0 when there is none or with ``restart``. Kept scores of other
+    settings are refused (ValueError listing the differences)."""
     import json
 
     import numpy as np
 
     from .resume import settings_diff
 
-    if not progress.is_file():
+    if restart or not progress.is_file():
         return 0
     try:
         saved = json.loads(progress.read_text())
         done = int(saved["done"])
         diff = settings_diff(saved["settings"], settings)
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return 0  # an unreadable record: nothing is known to be scored
     if diff:
-        if not quiet:
-            print(f"detect: the scores kept in {progress.parent} are for other settings "
-                  f"({'; '.join(diff)}): starting over")
-        return 0
+        raise ValueError(
+            f"{progress.parent} holds scores of an earlier run with other settings "
+            f"({'; '.join(diff)}): run with those settings to continue it, or add "
+            f"--restart to discard it")
     for k, dt in names.items():  # the parts must be what this run would write
         f = progress.parent / f"{progress.name.split('_')[0]}_{k}.npy"
         try:
@@ -447,19 +467,29 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     names = {"score": np.float64, "prediction": np.int64, "flagged": np.bool_}
     rows = stop - start
     # What must match for an earlier run's scores to be kept: every input and setting
-    # that changes a score, and the blocks (the same batches give the same bits).
-    settings = {"checkpoint": _file_id(args.checkpoint), "detector": _file_id(args.detector),
-                "input": _file_id(args.input), "key": args.key, "fpr": args.fpr,
-                "scale": scale, "batch_size": args.batch_size, "processes": world,
-                "rank": rank, "device": device.type}
+    # that changes a score, and the blocks (the same batches give the same bits). Not
+    # --fpr: it changes only the flags, which are recomputed from the kept scores.
     progress = parts_dir / f"rank{rank}_progress.json"
-    done = _resume_point(progress, settings, names, rows, args.quiet or rank != 0)
-    if not done:  # starting over: no progress of other settings may outlive its parts
-        progress.unlink(missing_ok=True)
+    done = 0
+    try:
+        settings = {"checkpoint": _file_id(args.checkpoint, True),
+                    "detector": _file_id(args.detector, True),
+                    "input": _file_id(args.input, False), "key": args.key, "scale": scale,
+                    "batch_size": args.batch_size, "processes": world, "rank": rank,
+                    "device": device.type}
+        done = _resume_point(progress, settings, names, rows, args.restart)
+        if not done:  # starting over: no record of other scores may outlive them
+            progress.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        error = exc
+    _raise_if_any(world, error, "checking the scores kept by an earlier run")
     arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy",
                                            mode="r+" if done else "w+", dtype=dt,
                                            shape=None if done else (rows,))
               for k, dt in names.items()}
+    for a in range(0, done, 1 << 20):  # this run's threshold on the kept scores
+        b = min(done, a + (1 << 20))
+        arrays["flagged"][a:b] = arrays["score"][a:b] < threshold
 
     def record_progress(rows_done: int) -> None:
         import json
@@ -475,34 +505,52 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
                unit="img")
     i, stopped, last = start + done, False, time.monotonic()
     try:
-        while i < stop and not stopped:
-            blocks = budget.grant("detect", -(-(stop - i) // args.batch_size))
-            if blocks == 0:
+        # Every process runs the same number of rounds (one agreement each), so a stop,
+        # an error or the end is seen by all of them at the same round.
+        while True:
+            stop_here = False
+            if i < stop and error is None:
+                try:
+                    blocks = budget.grant("detect", -(-(stop - i) // args.batch_size))
+                    stop_here = blocks == 0
+                    ran, t0 = 0, time.monotonic()
+                    while ran < blocks:
+                        if budget.interrupted:
+                            stop_here = True
+                            break
+                        j = min(stop, i + args.batch_size)
+                        x = to_model_images(source.read(i, j), scale, channels_last).to(device)
+                        with torch.no_grad():
+                            logits, s = score_inputs(model, file.detector, x)
+                        s = s.detach().double()
+                        arrays["score"][i - start:j - start] = s.cpu().numpy()
+                        arrays["prediction"][i - start:j - start] = \
+                            logits.argmax(1).cpu().numpy()
+                        arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
+                        bar.update(j - i)
+                        i, ran = j, ran + 1
+                        now = time.monotonic()
+                        if now - last > _PROGRESS_SECONDS:
+                            record_progress(i - start)
+                            last = now
+                        if world > 1 and now - t0 > _AGREE_SECONDS:
+                            break
+                    budget.done(ran)
+                except StopRequested:  # a second signal: stop now, keep what is scored
+                    stop_here = True
+                except BudgetTooSmall as exc:
+                    error = exc
+                except (ValueError, RuntimeError, TypeError, OSError) as exc:
+                    error = ValueError(f"scoring failed: {str(exc).splitlines()[0]}")
+            stop_any, going, failed = _agree(
+                world, [float(stop_here), float(i < stop), float(error is not None)], "max")
+            if failed:
+                break
+            if stop_any:
                 stopped = True
                 break
-            ran = 0
-            for _ in range(blocks):
-                if budget.interrupted:
-                    stopped = True
-                    break
-                j = min(stop, i + args.batch_size)
-                x = to_model_images(source.read(i, j), scale, channels_last).to(device)
-                with torch.no_grad():
-                    logits, s = score_inputs(model, file.detector, x)
-                s = s.detach().double()
-                arrays["score"][i - start:j - start] = s.cpu().numpy()
-                arrays["prediction"][i - start:j - start] = logits.argmax(1).cpu().numpy()
-                arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
-                bar.update(j - i)
-                i, ran = j, ran + 1
-            budget.done(ran)
-            if not stopped and time.monotonic() - last > _PROGRESS_SECONDS:
-                record_progress(i - start)
-                last = time.monotonic()
-    except BudgetTooSmall as exc:
-        error = exc
-    except (ValueError, RuntimeError, TypeError) as exc:
-        error = ValueError(f"scoring failed: {str(exc).splitlines()[0]}")
+            if not going:
+                break
     finally:
         bar.close()
         source.close()
@@ -510,8 +558,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
         record_progress(i - start)
         arrays.clear()  # closes the memory maps before rank 0 reads the parts
     _raise_if_any(world, error, "while scoring")
-    # A stop on any process stops them all: the merge needs every part.
-    if _agree(world, [1.0 if stopped else 0.0], "max")[0]:
+    if stopped:  # the merge needs every part: all processes stop
         raise StopRequested(budget.stop_reason or "another process stopped")
     if rank == 0:
         parts = {k: [parts_dir / f"rank{r}_{k}.npy" for r in range(world)] for k in names}

@@ -370,8 +370,10 @@ def stage_sanitizer(ctx) -> dict:
     if any(r["timed_out"] for r in results.values()):
         return {"status": "skipped", "seconds": seconds, "reason": "out of time", **results}
     # racecheck's warnings (hazards it cannot prove harmful, which Hopper's asynchronous
-    # copies can show) are recorded; its errors, like memcheck's, fail the stage.
-    ok = all(r["rc"] == 0 and r["script_ok"] and not r["errors"] for r in results.values())
+    # copies can show) are recorded; its errors, like memcheck's, fail the stage. The
+    # summary line must be there (errors == 0, not None): a crash has none. A non-zero
+    # exit with 0 errors (warnings, if the tool counts them) is recorded in "rc".
+    ok = all(r["script_ok"] and r["errors"] == 0 for r in results.values())
     return {"status": "passed" if ok else "failed", "seconds": seconds, **results}
 
 
@@ -590,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def selected(stage: str, args) -> bool:
+    """Whether ``stage`` runs: not in --skip, and in --only when given. env always runs;
+    so does build on a GPU (a fresh machine has no compiled extension, and a rerun with
+    --only tests would test the PyTorch fallback), unless --skip build."""
+    if stage in args.skip:
+        return False
+    always = ("env",) if args.cpu else ("env", "build")
+    return not args.only or stage in args.only or stage in always
+
+
 def main(argv=None, clock=time.monotonic) -> int:
     args = build_parser().parse_args(argv)
     if args.budget <= 0:
@@ -619,7 +631,7 @@ def main(argv=None, clock=time.monotonic) -> int:
                "gpu": None, "torch": None, "triton": None,
                "mnist": os.environ.get("RCE_FAST_MNIST_DIR"), "stages": {}, "cases": []}
     for stage in STAGES:
-        if stage in args.skip or (args.only and stage not in args.only and stage != "env"):
+        if not selected(stage, args):
             summary["stages"][stage] = {"status": "skipped", "seconds": 0.0,
                                         "reason": "not selected"}
             continue

@@ -266,16 +266,16 @@ def test_detect_stopped_and_continued_gives_the_uninterrupted_file(trained, monk
             assert np.array_equal(a[k], b[k], equal_nan=True), k
 
 
-def test_detect_stops_on_sigterm_and_redoes_nothing_for_other_settings(trained, monkeypatch,
-                                                                       capsys):
-    """SIGTERM during `detect` stops it at the next block (exit 3, the scores kept); a
-    re-run with another --fpr starts over, saying so, and gives the fresh run's file."""
+def test_detect_stops_on_sigterm_and_refuses_other_settings(trained, monkeypatch, capsys):
+    """SIGTERM during `detect` stops it at the next block (exit 3, the scores kept). A
+    re-run with another --fpr continues (the flags are recomputed from the kept scores);
+    one with another --batch-size is refused, naming it, and --restart starts over."""
     import os
     import signal
     root, ckpt, files, x, _ = trained
     np.save(root / "term.npy", x[:200].numpy())
     base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
-            "--input", str(root / "term.npy"), "--batch-size", "50"]
+            "--input", str(root / "term.npy")]
     out = root / "term.npz"
 
     def terminate_at_third(kind, grants):
@@ -284,19 +284,51 @@ def test_detect_stops_on_sigterm_and_redoes_nothing_for_other_settings(trained, 
         return False
     with monkeypatch.context() as m:
         _budget_factory(m, max_chunk=1, stop_if=terminate_at_third)
-        assert main([*base, "--out", str(out), "--quiet"]) == 3
+        assert main([*base, "--batch-size", "50", "--out", str(out), "--quiet"]) == 3
     assert "SIGTERM received" in capsys.readouterr().err
     parts = root / ".term.npz.parts"
     assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 100
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored
-    assert main([*base, "--out", str(out), "--fpr", "0.2"]) == 0
-    said = capsys.readouterr().out
-    assert "for other settings (fpr: None before, 0.2 now)" in said and "starting over" in said
+    # another batch size would give other blocks: refused, nothing touched
+    assert main([*base, "--batch-size", "40", "--out", str(out), "--fpr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (batch_size: 50 before, 40 now)" in err and "--restart" in err
+    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 100
+    with monkeypatch.context() as m:   # stop again, then finish with another --fpr
+        _budget_factory(m, max_chunk=1, stop_after=1)
+        assert main([*base, "--batch-size", "50", "--out", str(out), "--quiet"]) == 3
+    assert main([*base, "--batch-size", "50", "--out", str(out), "--fpr", "0.2"]) == 0
+    assert "continuing: 150 of 200" in capsys.readouterr().out
     fresh = root / "term_fresh.npz"
-    assert main([*base, "--out", str(fresh), "--fpr", "0.2", "--quiet"]) == 0
+    assert main([*base, "--batch-size", "50", "--out", str(fresh), "--fpr", "0.2",
+                 "--quiet"]) == 0
     with np.load(fresh) as a, np.load(out) as b:
+        assert a["flagged"].any() and not a["flagged"].all()
         for k in a.files:
             assert np.array_equal(a[k], b[k], equal_nan=True), k
+
+
+def test_detect_knows_its_input_by_content(trained, monkeypatch, capsys):
+    """The kept scores belong to the input's content, not its name or time stamp: the
+    same bytes copied elsewhere continue, other bytes of the same size are refused."""
+    import shutil
+    root, ckpt, files, x, _ = trained
+    a_path, b_path = root / "content_a.npy", root / "content_b.npy"
+    np.save(a_path, x[:90].numpy())
+    np.save(b_path, x[90:180].numpy())
+    assert a_path.stat().st_size == b_path.stat().st_size
+    base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--batch-size", "30", "--out", str(root / "content.npz"), "--quiet"]
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_after=1)
+        assert main([*base, "--input", str(a_path)]) == 3
+    capsys.readouterr()
+    assert main([*base, "--input", str(b_path)]) == 2
+    assert "input:" in capsys.readouterr().err
+    moved = root / "moved" / "content_a.npy"
+    moved.parent.mkdir()
+    shutil.copy(a_path, moved)                    # another path and time stamp
+    assert main([*base, "--input", str(moved)]) == 0
 
 
 def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch, capsys):
@@ -317,11 +349,11 @@ def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch,
         assert main([*base, "--out", str(out), "--time-budget", "5"]) == 2
     assert "too small" in capsys.readouterr().err
     assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
-    # other settings start over (the kept scores are overwritten): when that run ends
-    # before scoring anything, no record of the old scores may survive it
+    # --restart overwrites the kept scores: when that run ends before scoring anything,
+    # no record of the old scores may survive it
     with monkeypatch.context() as m:
         _budget_factory(m, spent=1e6)
-        assert main([*base, "--out", str(out), "--fpr", "0.3", "--time-budget", "5"]) == 2
+        assert main([*base, "--out", str(out), "--restart", "--time-budget", "5"]) == 2
     assert not parts.exists()
     assert main([*base, "--out", str(out)]) == 0 and not parts.exists()
     fresh = root / "small_fresh.npz"
@@ -335,9 +367,10 @@ _STOP_RANK0 = """
 import os, sys
 from rce_fast import resume
 real = resume.Budget
-def factory(seconds=None, **kw):  # rank 0 stops after one block; rank 1 runs to the end
+def factory(seconds=None, **kw):  # one block per round; rank 0 stops at its second round
+    kw["max_chunk"] = 1
     if os.environ.get("RANK") == "0":
-        kw.update(max_chunk=1, stop_after=1)
+        kw["stop_after"] = 1
     return real(seconds, **kw)
 resume.Budget = factory
 from rce_fast.cli import main
@@ -346,9 +379,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_detect_under_torchrun_stops_together_and_continues(trained):
-    """Under torchrun a stop on one process stops every process (exit 3, no merged file:
-    the merge needs every part); the same command then finishes, and the merged file
-    equals the single-process one."""
+    """Under torchrun a stop on one process stops every process in the same round (each
+    exits 3, torchrun itself 1; no merged file: the merge needs every part); the same
+    command then finishes, and the merged file equals the single-process one."""
     root, ckpt, files, x, _ = trained
     np.save(root / "tr.npy", x[:90].numpy())
     single = root / "tr_single.npz"
@@ -369,10 +402,48 @@ def test_detect_under_torchrun_stops_together_and_continues(trained):
     parts = root / ".tr_merged.npz.parts"
     done = [json.loads((parts / f"rank{r}_progress.json").read_text())["done"]
             for r in (0, 1)]
-    assert done == [16, 45]                     # rank 1 had finished its half
+    assert done == [16, 32]      # rank 1 stopped in the same round, its half unfinished
     proc = torchrun("-m", "rce_fast")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not parts.exists()
     with np.load(single) as a, np.load(merged) as b:
         np.testing.assert_allclose(b["score"], a["score"], rtol=1e-6, atol=1e-6)
         assert np.array_equal(a["prediction"], b["prediction"])
+
+
+_KILLED_AT_THIRD_BLOCK = """
+import os, signal, sys
+from rce_fast import _cli_detect, detect
+_cli_detect._PROGRESS_SECONDS = 0.0       # record after every block
+real, calls = detect.score_inputs, []
+def score_inputs(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)   # no handler, no finally: killed outright
+    return real(*a, **k)
+detect.score_inputs = score_inputs
+from rce_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_detect_killed_outright_redoes_only_what_it_had_not_recorded(trained, capsys):
+    """Progress is recorded while scoring (not only at a clean stop), with no time
+    budget: a process killed by SIGKILL in its third block keeps its first two."""
+    root, ckpt, files, x, _ = trained
+    np.save(root / "kill.npy", x[:100].numpy())
+    args = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "kill.npy"), "--batch-size", "25", "--quiet"]
+    (root / "killed.py").write_text(_KILLED_AT_THIRD_BLOCK)
+    out = root / "kill.npz"
+    proc = subprocess.run([sys.executable, str(root / "killed.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    parts = root / ".kill.npz.parts"
+    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 50
+    assert main([*args, "--out", str(out)]) == 0 and not parts.exists()
+    full = root / "kill_full.npz"
+    assert main([*args, "--out", str(full)]) == 0
+    with np.load(full) as a, np.load(out) as b:
+        for k in a.files:
+            assert np.array_equal(a[k], b[k], equal_nan=True), k

@@ -195,3 +195,16 @@ def test_pytest_progress_reads_plain_and_xdist_output():
     got = gpu_check.pytest_progress(xdist)
     assert (got["passed"], got["error"], got["skipped"]) == (1, 1, 1)
     assert got["failing"] == ["tests/b.py::test_w[args0-unknown stage]"]
+
+
+def test_stage_selection_builds_on_a_gpu_even_with_only():
+    def runs(argv):
+        args = gpu_check.build_parser().parse_args(["out", *argv])
+        args.skip = [s for s in args.skip.split(",") if s]
+        args.only = [s for s in args.only.split(",") if s]
+        return [s for s in gpu_check.STAGES if gpu_check.selected(s, args)]
+    assert runs([]) == list(gpu_check.STAGES)
+    assert runs(["--only", "tests"]) == ["env", "build", "tests"]
+    assert runs(["--only", "tests", "--skip", "build"]) == ["env", "tests"]
+    assert runs(["--only", "tests", "--cpu"]) == ["env", "tests"]
+    assert runs(["--skip", "bench,sanitizer"]) == ["env", "build", "tests"]
