@@ -35,13 +35,6 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
-
-
 def _positive(text: str) -> float:
     value = float(text)
     if not 0.0 < value < math.inf:
@@ -132,6 +125,7 @@ def add_commands(sub, dataset_help: str) -> None:
                    help="inputs per batch (default: %(default)s)")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cli import _seconds  # the other commands' --time-budget check (loaded by now)
     d.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds have passed (exit status "
                         "3); the same command continues where it stopped")
@@ -369,10 +363,10 @@ def _file_id(path, whole: bool) -> dict:
     return {"size": size, "blake2b": h.hexdigest()}
 
 
-def _resume_point(progress: Path, settings: dict, names: dict, rows: int,
+def _resume_point(progress: Path, settings: dict, parts: dict, rows: int,
                   restart: bool) -> int:
     """Rows of this shard already scored by an earlier run with the same settings (their
-    parts intact); 0 when there is none or with ``restart``. Kept scores of other
+    ``parts``, {name: (path, dtype)}, intact); 0 when there is none or with ``restart``. Kept scores of other
     settings are refused (ValueError listing the differences)."""
     import json
 
@@ -393,8 +387,7 @@ def _resume_point(progress: Path, settings: dict, names: dict, rows: int,
             f"{progress.parent} holds scores of an earlier run with other settings "
             f"({'; '.join(diff)}): run with those settings to continue it, or add "
             f"--restart to discard it")
-    for k, dt in names.items():  # the parts must be what this run would write
-        f = progress.parent / f"{progress.name.split('_')[0]}_{k}.npy"
+    for f, dt in parts.values():  # the parts must be what this run would write
         try:
             a = np.load(f, mmap_mode="r")
             ok = a.shape == (rows,) and a.dtype == np.dtype(dt)
@@ -470,6 +463,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     # that changes a score, and the blocks (the same batches give the same bits). Not
     # --fpr: it changes only the flags, which are recomputed from the kept scores.
     progress = parts_dir / f"rank{rank}_progress.json"
+    my_parts = {k: (parts_dir / f"rank{rank}_{k}.npy", dt) for k, dt in names.items()}
     done = 0
     try:
         settings = {"checkpoint": _file_id(args.checkpoint, True),
@@ -477,16 +471,15 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
                     "input": _file_id(args.input, False), "key": args.key, "scale": scale,
                     "batch_size": args.batch_size, "processes": world, "rank": rank,
                     "device": device.type}
-        done = _resume_point(progress, settings, names, rows, args.restart)
+        done = _resume_point(progress, settings, my_parts, rows, args.restart)
         if not done:  # starting over: no record of other scores may outlive them
             progress.unlink(missing_ok=True)
     except (OSError, ValueError) as exc:
         error = exc
     _raise_if_any(world, error, "checking the scores kept by an earlier run")
-    arrays = {k: np.lib.format.open_memmap(parts_dir / f"rank{rank}_{k}.npy",
-                                           mode="r+" if done else "w+", dtype=dt,
+    arrays = {k: np.lib.format.open_memmap(f, mode="r+" if done else "w+", dtype=dt,
                                            shape=None if done else (rows,))
-              for k, dt in names.items()}
+              for k, (f, dt) in my_parts.items()}
     for a in range(0, done, 1 << 20):  # this run's threshold on the kept scores
         b = min(done, a + (1 << 20))
         arrays["flagged"][a:b] = arrays["score"][a:b] < threshold
@@ -503,6 +496,20 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
         print(f"detect: continuing: {done} of {rows} inputs were scored by an earlier run")
     bar = tqdm(total=rows, initial=done, desc="detect", disable=args.quiet or rank != 0,
                unit="img")
+
+    def score_block(i: int) -> int:
+        """Score rows i .. j of the input into the parts; returns j."""
+        j = min(stop, i + args.batch_size)
+        x = to_model_images(source.read(i, j), scale, channels_last).to(device)
+        with torch.no_grad():
+            logits, s = score_inputs(model, file.detector, x)
+        s = s.detach().double()
+        arrays["score"][i - start:j - start] = s.cpu().numpy()
+        arrays["prediction"][i - start:j - start] = logits.argmax(1).cpu().numpy()
+        arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
+        bar.update(j - i)
+        return j
+
     i, stopped, last = start + done, False, time.monotonic()
     try:
         # Every process runs the same number of rounds (one agreement each), so a stop,
@@ -518,17 +525,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
                         if budget.interrupted:
                             stop_here = True
                             break
-                        j = min(stop, i + args.batch_size)
-                        x = to_model_images(source.read(i, j), scale, channels_last).to(device)
-                        with torch.no_grad():
-                            logits, s = score_inputs(model, file.detector, x)
-                        s = s.detach().double()
-                        arrays["score"][i - start:j - start] = s.cpu().numpy()
-                        arrays["prediction"][i - start:j - start] = \
-                            logits.argmax(1).cpu().numpy()
-                        arrays["flagged"][i - start:j - start] = (s < threshold).cpu().numpy()
-                        bar.update(j - i)
-                        i, ran = j, ran + 1
+                        i, ran = score_block(i), ran + 1
                         now = time.monotonic()
                         if now - last > _PROGRESS_SECONDS:
                             record_progress(i - start)
@@ -544,12 +541,10 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
                     error = ValueError(f"scoring failed: {str(exc).splitlines()[0]}")
             stop_any, going, failed = _agree(
                 world, [float(stop_here), float(i < stop), float(error is not None)], "max")
-            if failed:
+            if failed or not going:
                 break
-            if stop_any:
+            if stop_any:  # (a process that stopped still had rows: going is 1 then)
                 stopped = True
-                break
-            if not going:
                 break
     finally:
         bar.close()

@@ -237,6 +237,19 @@ def _budget_factory(monkeypatch, **fixed):
     return made
 
 
+def _assert_same_npz(path_a, path_b):
+    """The two .npz files hold the same members with the same bits."""
+    with np.load(path_a) as a, np.load(path_b) as b:
+        assert a.files == b.files
+        for k in a.files:
+            assert np.array_equal(a[k], b[k], equal_nan=True), k
+
+
+def _done(parts, rank=0):
+    """Rows a process recorded as scored in a detect parts folder."""
+    return json.loads((parts / f"rank{rank}_progress.json").read_text())["done"]
+
+
 def test_detect_stopped_and_continued_gives_the_uninterrupted_file(trained, monkeypatch,
                                                                     capsys):
     """A detect run stopped twice (after 2 blocks each time) and then run to the end writes
@@ -260,10 +273,7 @@ def test_detect_stopped_and_continued_gives_the_uninterrupted_file(trained, monk
     assert main([*base, "--out", str(out)]) == 0
     assert "continuing: 256 of 300 inputs" in capsys.readouterr().out
     assert not parts.exists()
-    with np.load(full) as a, np.load(out) as b:
-        assert a.files == b.files
-        for k in a.files:
-            assert np.array_equal(a[k], b[k], equal_nan=True), k
+    _assert_same_npz(full, out)
 
 
 def test_detect_stops_on_sigterm_and_refuses_other_settings(trained, monkeypatch, capsys):
@@ -287,13 +297,13 @@ def test_detect_stops_on_sigterm_and_refuses_other_settings(trained, monkeypatch
         assert main([*base, "--batch-size", "50", "--out", str(out), "--quiet"]) == 3
     assert "SIGTERM received" in capsys.readouterr().err
     parts = root / ".term.npz.parts"
-    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 100
+    assert _done(parts) == 100
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored
     # another batch size would give other blocks: refused, nothing touched
     assert main([*base, "--batch-size", "40", "--out", str(out), "--fpr", "0.2"]) == 2
     err = capsys.readouterr().err
     assert "other settings (batch_size: 50 before, 40 now)" in err and "--restart" in err
-    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 100
+    assert _done(parts) == 100
     with monkeypatch.context() as m:   # stop again, then finish with another --fpr
         _budget_factory(m, max_chunk=1, stop_after=1)
         assert main([*base, "--batch-size", "50", "--out", str(out), "--quiet"]) == 3
@@ -302,10 +312,9 @@ def test_detect_stops_on_sigterm_and_refuses_other_settings(trained, monkeypatch
     fresh = root / "term_fresh.npz"
     assert main([*base, "--batch-size", "50", "--out", str(fresh), "--fpr", "0.2",
                  "--quiet"]) == 0
-    with np.load(fresh) as a, np.load(out) as b:
+    with np.load(fresh) as a:
         assert a["flagged"].any() and not a["flagged"].all()
-        for k in a.files:
-            assert np.array_equal(a[k], b[k], equal_nan=True), k
+    _assert_same_npz(fresh, out)
 
 
 def test_detect_knows_its_input_by_content(trained, monkeypatch, capsys):
@@ -341,14 +350,14 @@ def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch,
         _budget_factory(m, max_chunk=1, stop_after=1)
         assert main([*base, "--out", str(out)]) == 3
     parts = root / ".small.npz.parts"
-    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
+    assert _done(parts) == 40
     capsys.readouterr()
     # a budget already spent before the first block: an error (exit 2), the parts stay
     with monkeypatch.context() as m:
         _budget_factory(m, spent=1e6)
         assert main([*base, "--out", str(out), "--time-budget", "5"]) == 2
     assert "too small" in capsys.readouterr().err
-    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 40
+    assert _done(parts) == 40
     # --restart overwrites the kept scores: when that run ends before scoring anything,
     # no record of the old scores may survive it
     with monkeypatch.context() as m:
@@ -358,9 +367,7 @@ def test_detect_time_budget_too_small_keeps_earlier_scores(trained, monkeypatch,
     assert main([*base, "--out", str(out)]) == 0 and not parts.exists()
     fresh = root / "small_fresh.npz"
     assert main([*base, "--out", str(fresh)]) == 0
-    with np.load(fresh) as a, np.load(out) as b:
-        for k in a.files:
-            assert np.array_equal(a[k], b[k], equal_nan=True), k
+    _assert_same_npz(fresh, out)
 
 
 _STOP_RANK0 = """
@@ -400,8 +407,7 @@ def test_detect_under_torchrun_stops_together_and_continues(trained):
     assert proc.returncode != 0 and "not finished" in proc.stderr, proc.stderr[-3000:]
     assert not merged.exists()
     parts = root / ".tr_merged.npz.parts"
-    done = [json.loads((parts / f"rank{r}_progress.json").read_text())["done"]
-            for r in (0, 1)]
+    done = [_done(parts, r) for r in (0, 1)]
     assert done == [16, 32]      # rank 1 stopped in the same round, its half unfinished
     proc = torchrun("-m", "rce_fast")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -440,10 +446,8 @@ def test_detect_killed_outright_redoes_only_what_it_had_not_recorded(trained, ca
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == -9, proc.stderr[-3000:]
     parts = root / ".kill.npz.parts"
-    assert json.loads((parts / "rank0_progress.json").read_text())["done"] == 50
+    assert _done(parts) == 50
     assert main([*args, "--out", str(out)]) == 0 and not parts.exists()
     full = root / "kill_full.npz"
     assert main([*args, "--out", str(full)]) == 0
-    with np.load(full) as a, np.load(out) as b:
-        for k in a.files:
-            assert np.array_equal(a[k], b[k], equal_nan=True), k
+    _assert_same_npz(full, out)
