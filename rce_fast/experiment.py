@@ -263,10 +263,6 @@ def _load_adversarial(path: Path, x: Tensor) -> tuple[Tensor, dict]:
 
 # -------------------------------------------------------------------------- the run
 
-def _stop(budget: Budget):
-    raise StopRequested(budget.stop_reason or "stop requested")
-
-
 def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = None,
                    force_resume: bool = False, restart: bool = False) -> dict:
     """Run the whole pipeline and write the report; returns the results dict.
@@ -404,16 +400,17 @@ def _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att
     key = f"{objective}/detector"
     path = run.out / f"{objective}_detector.pt"
     if key not in run.units:
-        if not budget.allow("detector", passes(objective, model, 2.0 * len(x_tr) / len(x_att))):
-            _stop(budget)
-        with budget.abandonable():
+        def fit() -> KDensityDetector:
             feats = _batched(model.features, x_tr, device)
             det = KDensityDetector(objective=objective, per_class=cfg.per_class,
                                    seed=cfg.seed)
             det.fit(feats.to(device), y_tr.to(device), num_classes)
             det.class_medians(feats.to(device), y_tr.to(device), cfg.kernel_points)
             det.save(path)  # atomic; holds the C&W-wb kernel points too
-        budget.done()
+            return det
+
+        det = budget.run_unit("detector",
+                              passes(objective, model, 2.0 * len(x_tr) / len(x_att)), fit)
         run.record(key, {"sigma2": det.sigma2})
     return KDensityDetector.load(path, device)  # the same path on every run
 
@@ -462,15 +459,15 @@ def _attack_unit(cfg, run, budget, device, objective, name, fn, model, xa, x_att
     else:
         estimate = {"FGSM": 3.0, "BIM": 12.0, "ILCM": 12.0,
                     "JSMA": _jsma_passes(cfg, x_att)}[name]
-        if not budget.allow(f"attack {name}", passes(objective, model, estimate)):
-            _stop(budget)
-        with budget.abandonable():
+        def attack() -> tuple:
             _sync(device)
             t0 = time.perf_counter()
             adv, info = fn(xa)
             _sync(device)
-            seconds = time.perf_counter() - t0
-        budget.done()
+            return adv, info, time.perf_counter() - t0
+
+        adv, info, seconds = budget.run_unit(f"attack {name}",
+                                             passes(objective, model, estimate), attack)
     adv = adv.cpu()
     _save_adversarial(path, adv, x_att, info, seconds)
     run.record(f"{objective}/{name}", {"seconds": seconds})
@@ -491,8 +488,13 @@ def _attack_entry(name, adv, info: dict, x_att, y_att, clean, model, det, device
              "misclassified": float((adv_pred != y_att).float().mean()),
              "mean_l2": float((adv - x_att).flatten(1).norm(dim=1).mean())}
     if name == "C&W-wb":
-        entry["f2_positive_ratio"] = float(info["f2_positive_ratio"])
+        # from the stored per-example values, so a state folder of an earlier version
+        # (which kept only the ratio over every input) reports the same
         ok = info["classified_as_target"].cpu()
+        positive = info["f2"].cpu() > 0
+        entry["f2_positive_ratio"] = float(positive.float().mean())
+        entry["f2_positive_ratio_on_target"] = float(positive[ok].float().mean()) \
+            if ok.any() else math.nan
         entry["classified_as_target"] = float(ok.float().mean())
         entry["distortion_l2"] = float(info["l2"].cpu()[ok].mean()) if ok.any() else None
     return entry, adv_pred, adv_scores
@@ -627,14 +629,21 @@ def render_report(results: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += [""] + _kd_verdict(models)
     lines += ["", "## C&W-wb: white-box attack on K-density (paper Table 3)", "",
-              "| objective | ratio of f2(x*) > 0 | classified as target | mean L2 distortion |",
-              "| --- | --- | --- | --- |"]
+              "| objective | classified as target | ratio of f2(x*) > 0 among them | "
+              "ratio of f2 > 0 over all inputs | mean L2 distortion |",
+              "| --- | --- | --- | --- | --- |"]
     for obj in ("ce", "rce"):
         a = models[obj]["attacks"]["C&W-wb"]
-        lines.append(f"| {obj.upper()} | {_f(a['f2_positive_ratio'], '{:.2f}')} | "
-                     f"{_f(a['classified_as_target'], '{:.2f}')} | "
+        lines.append(f"| {obj.upper()} | {_f(a['classified_as_target'], '{:.2f}')} | "
+                     f"{_f(a.get('f2_positive_ratio_on_target'), '{:.2f}')} | "
+                     f"{_f(a['f2_positive_ratio'], '{:.2f}')} | "
                      f"{_f(a['distortion_l2'])} |")
-    lines += ["", "Paper (MNIST, ResNet-32, kappa = 5): ratio 0.77 for RCE, 0.01 for CE.", "",
+    lines += ["", "Paper (MNIST, ResNet-32, kappa = 5, its full budget): ratio 0.77 for RCE, "
+              "0.01 for CE. x* are the adversarial examples: the inputs the attack moved to "
+              "its target class (with margin kappa). An input it left short of the target "
+              "is not one, yet its own f2 is mostly > 0: counted over all inputs, a short "
+              "budget inflates the ratio, so the paper's number is the column among them.",
+              "",
               "## Time per adversarial example (paper appendix Table 1: P100, ResNet-32, "
               "paper budgets)", "",
               "| attack | CE (s) | RCE (s) | paper CE (s) | paper RCE (s) |",

@@ -293,6 +293,9 @@ def test_cw_wb_lowers_f2_compared_with_plain_cw(batch, rce_detector):
     assert f2_wb.mean() < f2_plain.mean()
     assert info.f2_positive_ratio <= float((f2_plain > 0).float().mean())
     assert info.f2_positive_ratio == pytest.approx(float((f2_wb > 0).float().mean()))
+    on = info.classified_as_target
+    assert info.f2_positive_ratio_on_target == pytest.approx(
+        float((f2_wb[on] > 0).float().mean()))
     assert torch.equal(info.success, info.classified_as_target & (info.f2 <= 0))
 
 

@@ -435,9 +435,13 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
 
     ``model`` must expose ``logits_and_features(x)`` (rce_fast.models.Classifier does).
     Returns, per input, the smallest-L2 example that is classified as t with f2 <= 0;
-    where none was found, the target-classified iterate with the lowest f2.
-    AttackInfo: ``success``, ``target``, ``f2`` (B,), ``f2_positive_ratio`` (the paper's
-    Table 3 number), ``l2``, ``classified_as_target``.
+    where none was found, the target-classified iterate with the lowest f2, else stage
+    1's output (or x itself when stage 1 found nothing either).
+    AttackInfo: ``success``, ``target``, ``f2`` (B,), ``l2``, ``classified_as_target``
+    (margin kappa reached), ``f2_positive_ratio_on_target`` (the paper's Table 3 number:
+    the share with f2 > 0 among the adversarial examples x*, i.e. those classified as
+    target; NaN if there are none) and ``f2_positive_ratio`` (the share over every
+    input, where an input the attack left short of the target counts by its own f2).
 
     ``control``: as in :func:`cw_l2`; the saved state also records the stage, and stage
     1's result once it is done.
@@ -540,6 +544,10 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
         z, feats = logits_and_features(model, adv)
         f2 = f2_of(feats)
         on_target = (_margin(z.float(), cls, True)[0] + kappa) <= 0
+        positive = f2 > 0
+        on_target_ratio = float(positive[on_target].float().mean()) if bool(on_target.any()) \
+            else math.nan
     return adv, AttackInfo(success=success & on_target & (f2 <= 0), target=cls, extra={
-        "f2": f2, "f2_positive_ratio": float((f2 > 0).float().mean()), "l2": l2.sqrt(),
+        "f2": f2, "f2_positive_ratio": float(positive.float().mean()),
+        "f2_positive_ratio_on_target": on_target_ratio, "l2": l2.sqrt(),
         "c": c, "classified_as_target": on_target})
