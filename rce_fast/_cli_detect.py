@@ -183,6 +183,8 @@ def _fit_detector(args) -> int:
     check_output_file(args.out, "--out")  # before any work
     model = load_classifier(args.checkpoint, device)
     x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
+    from .cli import check_checkpoint_data
+    check_checkpoint_data(args, x_tr, y_tr)
     n = len(x_tr)
     n_cal = args.n_calibration or min(1000, max(1, n // 10))
     n_reg = 0 if args.kind == "kdensity" else (args.n_regression or min(1000, max(2, n // 5)))

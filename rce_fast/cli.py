@@ -12,6 +12,27 @@ from . import _cli_detect
 DATASET_HELP = ("digits (scikit-learn's bundled 8x8 digits, embedded), mnist (IDX files, "
                 "raw or .gz, torchvision names), cifar10 (cifar-10-batches-py), npz (your "
                 "own .npz; --data-dir is the file)")
+#: for the commands that take a --checkpoint: its training data is checked against it
+CHECKPOINT_DATASET_HELP = (DATASET_HELP + ". Default: digits. Give the dataset the "
+                           "checkpoint was trained on: other image shapes are refused, "
+                           "other data of the same shape gets a warning")
+REPRODUCE_DATASET_HELP = ("mnist (IDX files, raw or .gz, torchvision names) or cifar10 "
+                          "(cifar-10-batches-py); --data-dir is their folder")
+
+
+def data_source(args) -> str:
+    """How the user named the dataset, for messages."""
+    return f"--dataset {args.dataset}" + (f" --data-dir {args.data_dir}"
+                                          if args.data_dir else "")
+
+
+def check_checkpoint_data(args, x_train, y_train) -> None:
+    """Refuse a dataset whose images the checkpoint was not trained on; warn (stderr)
+    about other data of the same shape. Before any work."""
+    from .train import check_training_data
+    note = check_training_data(args.checkpoint, x_train, y_train, data_source(args))
+    if note:
+        print(f"rce-fast {args.command}: warning: {note}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -109,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ResNet-32, 20,000 (MNIST) / 90,000 (CIFAR-10) steps, 1000 "
                                    "attacked images, 9 x 10,000 C&W steps, two-stage C&W-wb.",
                        epilog=RESUME_EPILOG)
-    r.add_argument("--dataset", required=True, choices=["mnist", "cifar10"], help=DATASET_HELP)
+    r.add_argument("--dataset", required=True, choices=["mnist", "cifar10"],
+                   help=REPRODUCE_DATASET_HELP)
     r.add_argument("--data-dir", required=True, help="folder holding the dataset files")
     r.add_argument("--model", default="resnet32", choices=["resnet8", "resnet32", "resnet56"],
                    help="network (default: %(default)s)")
@@ -168,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "diagnostics to a .pt file.")
     a.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
     a.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "npz"],
-                   help=DATASET_HELP)
+                   help=CHECKPOINT_DATASET_HELP)
     a.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
     a.add_argument("--attack", required=True,
                    choices=["fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "rand",
@@ -178,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eps", type=_eps, default=0.1,
                    help="eps for fgsm/bim/ilcm/rand, radius for pgd/opgd")
     a.add_argument("--n", type=_positive_int, default=1000, help="test images (default: 1000)")
-    a.add_argument("--cw-steps", type=_positive_int, default=1000, help="C&W iterations")
-    a.add_argument("--cw-search", type=_positive_int, default=9, help="C&W search steps")
+    a.add_argument("--cw-steps", type=_positive_int, default=1000,
+                   help="C&W iterations per search step (default: %(default)s; the paper: "
+                        "10000)")
+    a.add_argument("--cw-search", type=_positive_int, default=9,
+                   help="C&W binary-search steps (default: %(default)s)")
     a.add_argument("--cw-c-init", type=_positive_float, default=1e-3,
                    help="C&W initial c (default: %(default)s)")
     a.add_argument("--gamma", type=float, default=0.1, help="JSMA max fraction changed")
@@ -194,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "K-density by the paper's protocol.")
     e.add_argument("--checkpoint", required=True, help="checkpoint from `rce-fast train`")
     e.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "npz"],
-                   help=DATASET_HELP)
+                   help=CHECKPOINT_DATASET_HELP)
     e.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
     e.add_argument("--adversarial", nargs="*", default=[],
                    help=".pt files written by `rce-fast attack`")
@@ -202,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-density width (default: the paper's for the objective)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     e.add_argument("--json", default=None, help="also write the results to this file")
-    _cli_detect.add_commands(sub, DATASET_HELP)
+    _cli_detect.add_commands(sub, CHECKPOINT_DATASET_HELP)
     return p
 
 
@@ -321,6 +346,7 @@ def _run(args, budget) -> int:
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
         check_output_file(args.json, "--json")
     model = load_classifier(args.checkpoint, device)
+    check_checkpoint_data(args, x_tr, y_tr)
     if args.command == "attack":
         from . import attacks as A
         x, y = x_te[:args.n].to(device), y_te[:args.n]

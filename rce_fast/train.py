@@ -472,6 +472,38 @@ def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
     return model.to(device).eval()
 
 
+def check_training_data(path, x_train: torch.Tensor, y_train: torch.Tensor,
+                        source: str = "the data") -> str | None:
+    """Check that ``(x_train, y_train)`` can be the training data of checkpoint ``path``.
+
+    Raises ValueError when the images' shape (C, H, W) differs from those it was trained
+    on, or a label is outside its classes: a fully convolutional network would run on
+    the wrong images without complaint. Returns a sentence when the shapes fit but the
+    data's fingerprint (:func:`data_fingerprint`) is not the checkpoint's (other data of
+    the same shape: the caller decides whether to warn), else None. A checkpoint from
+    before fingerprints is checked for its classes only.
+    """
+    path = Path(path)
+    state = _load_checkpoint(path)
+    classes = int(state["num_classes"])
+    if len(y_train) and int(y_train.max()) >= classes:
+        raise ValueError(f"checkpoint {path} has {classes} classes but {source} has label "
+                         f"{int(y_train.max())}: use the data it was trained on")
+    data = state.get("data")
+    try:
+        trained = tuple(int(d) for d in data["shapes"][0][2:])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    if tuple(x_train.shape[1:]) != trained:
+        raise ValueError(f"checkpoint {path} was trained on images of shape {trained} but "
+                         f"{source} has images of shape {tuple(x_train.shape[1:])}: use the "
+                         "data it was trained on")
+    if data_fingerprint(x_train, y_train) != data:
+        return (f"{source} is not the training data of checkpoint {path} (same image "
+                "shape, other contents)")
+    return None
+
+
 @torch.no_grad()
 def evaluate_error(model: Classifier, x: torch.Tensor, y: torch.Tensor,
                    batch_size: int = 1000) -> float:

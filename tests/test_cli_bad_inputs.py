@@ -57,6 +57,14 @@ def files(tmp_path_factory):
     raw = (root / "imgs_truncated.npy").read_bytes()
     (root / "imgs_truncated.npy").write_bytes(raw[: len(raw) // 2])
     np.savez(root / "bad.npz", a=np.zeros(3))
+    # datasets the checkpoint (trained on the digits, 8x8, 10 classes) was not trained on
+    x_tr, y_tr, x_te, y_te = (t.numpy() for t in load_digits_split())
+    big = np.zeros((40, 1, 16, 16), np.float32)
+    np.savez(root / "big_images.npz", images=big, labels=np.arange(40) % 10)
+    np.savez(root / "label_10.npz", x_train=x_tr[:50],
+             y_train=np.where(y_tr[:50] == 3, 10, y_tr[:50]), x_test=x_te, y_test=y_te)
+    np.savez(root / "other.npz", x_train=x_tr[:300], y_train=y_tr[:300], x_test=x_te,
+             y_test=y_te)
     return root
 
 
@@ -122,6 +130,9 @@ CASES += [("evaluate", "--json", "a_file/r.json", "a_file"),
           ("train", "--temperature", "0", "temperature"),
           ("attack", "--gamma", "2", "gamma"),
           ("fit-detector", "--data-dir", "missing.npz", "missing.npz")]
+for _cmd in ("attack", "evaluate", "fit-detector", "attack-pgd"):  # not its training data
+    CASES.append((_cmd, "--data-dir", "big_images.npz", "(1, 16, 16)"))
+    CASES.append((_cmd, "--data-dir", "label_10.npz", "label 10"))
 
 
 @pytest.mark.parametrize("command, option, value, message", CASES,
@@ -152,6 +163,25 @@ def test_user_error_is_one_line_exit_2(files, capsys, command, option, value, me
     after = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     assert after == before, "an output was written by a command that failed"
     assert not list(files.rglob("*.tmp")) and not list(files.rglob(".*.parts"))
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "fit-detector"])
+def test_same_shaped_other_data_gets_one_warning(files, capsys, command, tmp_path):
+    """Other data with the images the checkpoint takes is a legitimate choice (transfer,
+    a held-out set): one warning line on stderr, then the command runs. Its own
+    training data gets none."""
+    argv = _base(command, files)
+    if "--out" in argv:
+        argv = _set(argv, "--out", str(tmp_path / "o.pt"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+    argv = _set(_set(argv, "--dataset", "npz"), "--data-dir", str(files / "other.npz"))
+    assert main(argv) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err == [f"rce-fast {command}: warning: --dataset npz --data-dir "
+                   f"{files / 'other.npz'} is not the training data of checkpoint "
+                   f"{files / 'ck.pt'} (same image shape, other contents)"]
 
 
 @pytest.mark.parametrize("argv, message", [
