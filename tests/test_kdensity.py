@@ -293,6 +293,14 @@ def test_detector_fit_score_threshold_detect_save_load(tmp_path):
     thr = det.fit_threshold(q, qc, fpr=0.1)
     flagged = det.detect(q, qc)
     assert abs(flagged.float().mean().item() - 0.1) < 0.02
+    # the order statistic every detector uses: at most floor(fpr * n) flagged, the
+    # (k+1)-th smallest score (not an interpolated quantile, which can flag more)
+    from rce_fast.detect import threshold_at_fpr
+    assert thr == threshold_at_fpr(scores, 0.1) == float(scores.sort().values[int(0.1 * len(q))])
+    for n in (7, 10, 33):
+        det.fit_threshold(q[:n], qc[:n], fpr=0.05)
+        assert int(det.detect(q[:n], qc[:n]).sum()) <= int(0.05 * n)
+    thr = det.fit_threshold(q, qc, fpr=0.1)
     far = q + 50
     assert det.detect(far, qc).all()
     stream = list(det.detect_stream([(q[:50], qc[:50]), (far[:10], qc[:10])]))

@@ -12,7 +12,6 @@ from torch import Tensor
 from .._args import check_real, check_seed
 from ._checks import _check_features, _check_labels, _check_sigma2
 from .kdensity import BankIndex, build_bank_index, kdensity_indexed
-from .metrics import threshold_for_fpr
 
 #: Kernel widths sigma2 of the authors' release, by training objective.
 DEFAULT_SIGMA2 = {"rce": 0.1 / 0.26, "ce": 1.0 / 0.26}
@@ -193,13 +192,15 @@ class KDensityDetector:
     # -- thresholds and decisions
     def fit_threshold(self, clean_features: Tensor, clean_predictions: Tensor,
                       fpr: float = 0.05) -> float:
-        """Threshold on log K-density flagging a fraction ``fpr`` of clean inputs."""
-        from .rates import _check_fpr
+        """Threshold on log K-density flagging at most a fraction ``fpr`` of the held-out
+        clean inputs: :func:`rce_fast.detect.threshold_at_fpr` of their scores (flag
+        ``score < t``), as for LID, Mahalanobis and the command line."""
+        from .rates import _check_fpr, threshold_at_fpr
         fpr = _check_fpr(fpr)
         scores = self.score(clean_features, clean_predictions)
         if scores.numel() == 0:
             raise ValueError("clean_features is empty: a threshold needs clean inputs")
-        self.threshold = threshold_for_fpr(scores, fpr)
+        self.threshold = threshold_at_fpr(scores, fpr)
         return self.threshold
 
     def detect(self, features: Tensor, predicted_classes: Tensor,

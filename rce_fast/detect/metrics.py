@@ -70,8 +70,11 @@ def _scores_1d(x, name: str) -> np.ndarray:
 
 
 def threshold_for_fpr(clean_scores: Tensor, fpr: float) -> float:
-    """Score threshold t such that a fraction ``fpr`` of clean scores fall below t
-    (linear interpolation between order statistics, ``torch.quantile``)."""
+    """The ``fpr`` quantile of the clean scores, interpolated linearly between order
+    statistics (``torch.quantile``). Flagging ``score < t`` may then flag MORE than a
+    fraction ``fpr`` of those scores (n = 10, fpr = 0.05: one of ten). For a detection
+    threshold use :func:`rce_fast.detect.threshold_at_fpr` (an order statistic that
+    flags at most ``floor(fpr * n)``), which every detector's ``fit_threshold`` uses."""
     scores = _scores_1d(clean_scores, "clean_scores")
     if scores.size == 0:
         raise ValueError("clean_scores is empty: a threshold needs clean data")
