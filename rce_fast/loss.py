@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._args import check_has_data
 
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +35,8 @@ def _check_args(logits, target, reduction, ignore_index, temperature) -> None:
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of class indices (int64), got "
                         f"{target.dtype}; RCE builds its own reverse label vectors")
+    check_has_data(logits, "logits")
+    check_has_data(target, "target")
     if logits.device != target.device:
         raise ValueError(f"logits is on {logits.device} but target is on {target.device}; "
                          "put both on the same device")

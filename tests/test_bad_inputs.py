@@ -116,6 +116,10 @@ def _cases():
     add("rce_loss-label-negative", lambda: L(s().z, _with(s().t, i0=-3)), ValueError, "target")
     add("rce_loss-target-meta", lambda: L(s().z, s().t.to(META)), ValueError, "target")
     add("rce_loss-logits-meta", lambda: L(s().z.to(META), s().t), ValueError, "logits")
+    add("rce_loss-both-meta", lambda: L(s().z.to(META), s().t.to(META)), ValueError,
+        "meta device")
+    add("RCELoss-both-meta", lambda: rce_fast.RCELoss()(s().z.to(META), s().t.to(META)),
+        ValueError, "meta device")
     add("rce_loss-reduction", lambda: L(s().z, s().t, reduction="avg"), ValueError, "reduction")
     add("rce_loss-ignore-index-float", lambda: L(s().z, s().t, ignore_index=1.5), TypeError, "ignore_index")
     add("rce_loss-temperature-0", lambda: L(s().z, s().t, temperature=0.0), ValueError, "temperature")
