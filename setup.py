@@ -58,7 +58,7 @@ setup(
                  "adversarial examples (Pang et al., NeurIPS 2018)"),
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # every package under rce_fast/ (found, so a new subpackage cannot be left out of
     # the wheel), plus kernels/ mapped into the namespace
     packages=find_packages(include=["rce_fast", "rce_fast.*"]) + ["rce_fast.kernels"],

@@ -2,16 +2,20 @@
 # Installs rce_fast (editable) with its test extras on a fresh machine.
 #
 # torch comes first and pinned: on a machine with no torch, an unpinned `torch` from
-# PyPI pulls several GB of CUDA packages, so we take the CPU build (2.13.0). If torch is
-# already installed (e.g. your CUDA build), it is kept as it is.
+# PyPI pulls several GB of CUDA packages, so we pin 2.13.0 (the CPU build where the index
+# serves one, or from RCE_FAST_TORCH_INDEX). If torch is already installed (e.g. your CUDA
+# build), it is kept as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "[install] torch not found: installing the CPU build torch==2.13.0"
-    pip_install "torch==2.13.0"
+    # RCE_FAST_TORCH_INDEX: a wheel index for torch alone, e.g. PyTorch's CPU-only
+    # https://download.pytorch.org/whl/cpu where the default index's Linux torch is the
+    # CUDA build
+    echo "[install] torch not found: installing torch==2.13.0${RCE_FAST_TORCH_INDEX:+ from $RCE_FAST_TORCH_INDEX}"
+    pip_install ${RCE_FAST_TORCH_INDEX:+--index-url "$RCE_FAST_TORCH_INDEX"} "torch==2.13.0"
 fi
 echo "[install] rce_fast and its dependencies"
 pip_install -e ".[test]"

@@ -1,8 +1,11 @@
 """The build ships every package: `pip install .` (not only `-e .`) gives a working
 rce_fast. setup.py is run with setuptools.setup captured, so no build is needed."""
+import os
 import pathlib
 import runpy
+import subprocess
 
+import pytest
 import setuptools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,3 +49,27 @@ def test_ci_runs_exactly_the_readme_test_command():
     command = ci_lines[-1]
     assert command.startswith("python3 -m pytest")
     assert f"\n   {command}\n" in readme or f"\n{command}\n" in readme
+
+
+@pytest.mark.parametrize("index", [None, "https://download.pytorch.org/whl/cpu"])
+def test_install_pins_torch_and_takes_its_index_from_the_environment(tmp_path, index):
+    """scripts/install.sh with no torch present installs torch==2.13.0, from
+    RCE_FAST_TORCH_INDEX when set (PyPI's Linux torch is the CUDA build), and passes that
+    index to torch's install only. A stand-in python records the pip calls."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'if [ "$1" = "-c" ] && [ "$2" = "import torch" ]; then exit 1; fi\n'
+                    f'printf "%s\\n" "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "RCE_FAST_TORCH_INDEX"}
+    env["PYTHON"] = str(fake)
+    if index:
+        env["RCE_FAST_TORCH_INDEX"] = index
+    subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    pips = [line for line in log.read_text().splitlines() if line.startswith("-m pip install")]
+    torch_line = [line for line in pips if line.endswith("torch==2.13.0")]
+    assert len(torch_line) == 1
+    assert (f"--index-url {index}" in torch_line[0]) == bool(index)
+    assert not any("--index-url" in line for line in pips if line not in torch_line)
