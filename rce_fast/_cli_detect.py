@@ -175,16 +175,18 @@ def _fit_detector(args) -> int:
     from .detect import (KDensityDetector, LIDDetector, MahalanobisDetector, noisy_like,
                          score_dataset, threshold_at_fpr)
     from .detect.bundle import save_detector
-    from .train import load_classifier
+    from .train import load_classifier_and_state
 
     from .resume import check_output_file
 
     device = _device(args.device)
     check_output_file(args.out, "--out")  # before any work
-    model = load_classifier(args.checkpoint, device)
+    model, state = load_classifier_and_state(args.checkpoint, device)
     x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
-    from .cli import check_checkpoint_data
-    check_checkpoint_data(args, x_tr, y_tr)
+    from .cli import check_checkpoint_data, data_source, warn
+    note = check_checkpoint_data(args, state, x_tr, y_tr, defer_warning=True)
+    num_classes = int(state["num_classes"])  # the model's, whatever labels the data has
+    del state
     n = len(x_tr)
     n_cal = args.n_calibration or min(1000, max(1, n // 10))
     n_reg = 0 if args.kind == "kdensity" else (args.n_regression or min(1000, max(2, n // 5)))
@@ -196,6 +198,13 @@ def _fit_detector(args) -> int:
     if args.n_fit:
         fit = fit[:args.n_fit]
     x_fit, y_fit = x_tr[fit], y_tr[fit]
+    missing = sorted(set(range(num_classes)) - set(torch.unique(y_fit).tolist()))
+    if missing:  # the detector would have no training features for them
+        raise ValueError(f"{data_source(args)}: the inputs the detector is fitted on hold no "
+                         f"class {', '.join(map(str, missing[:10]))}"
+                         f"{' ...' if len(missing) > 10 else ''} of the checkpoint's "
+                         f"{num_classes} classes; every class needs training inputs")
+    warn(args, note)  # after the errors: an error is the only line
     progress = not args.quiet
     kernel_points = None
     if args.kind == "kdensity":
@@ -204,7 +213,7 @@ def _fit_detector(args) -> int:
         det = KDensityDetector(sigma2=args.sigma2, per_class=args.per_class, seed=args.seed,
                                objective=model.objective)
         labels = y_fit.to(device)
-        det.fit(feats, labels, num_classes=int(y_tr.max()) + 1)
+        det.fit(feats, labels, num_classes=num_classes)
         det.class_medians(feats, labels, kernel_points=args.kernel_points)
         kernel_points = args.kernel_points
     else:
@@ -225,7 +234,7 @@ def _fit_detector(args) -> int:
         else:
             det = MahalanobisDetector(noise=args.noise, seed=args.seed)
             det.fit(model, x_fit, y_fit, adv, noisy, clean=x_reg,
-                    num_classes=int(y_tr.max()) + 1, batch_size=args.batch_size,
+                    num_classes=num_classes, batch_size=args.batch_size,
                     progress=progress)
     _, cal_scores = score_dataset(model, det, x_tr[cal], args.batch_size, progress,
                                   "calibration")
@@ -423,7 +432,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     from .detect import score_inputs
     from .detect.bundle import check_model, load_detector
     from .streaming import check_layout, choose_scale, open_array, scan_range, to_model_images
-    from .train import load_classifier
+    from .train import check_images, load_classifier_and_state
 
     from .resume import check_output_file
 
@@ -432,12 +441,15 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
         device = _device(args.device)
         if rank == 0:
             check_output_file(out, "--out")  # before any work
-        model = load_classifier(args.checkpoint, device)
+        model, state = load_classifier_and_state(args.checkpoint, device)
         file = load_detector(args.detector, device)
         check_model(file, model, f" {args.detector}")
         threshold = file.threshold_for(args.fpr)
         source = open_array(args.input, args.key)
-        _, channels_last = check_layout(source.shape, args.input)
+        channels, channels_last = check_layout(source.shape, args.input)
+        hw = source.shape[1:3] if channels_last else source.shape[-2:]
+        check_images(args.checkpoint, state, (channels, *hw), f"--input {args.input}")
+        del state
         n = len(source)
         if n == 0:
             raise ValueError(f"{args.input} holds no images")

@@ -26,11 +26,23 @@ def data_source(args) -> str:
                                           if args.data_dir else "")
 
 
-def check_checkpoint_data(args, x_train, y_train) -> None:
-    """Refuse a dataset whose images the checkpoint was not trained on; warn (stderr)
-    about other data of the same shape. Before any work."""
+def check_checkpoint_data(args, state, x_train, y_train, x_test=None, y_test=None,
+                          defer_warning: bool = False) -> str | None:
+    """Refuse a dataset whose images (either split) the checkpoint was not trained on, or
+    whose labels it does not have; warn (stderr) about other data of the same shape, or
+    with ``defer_warning`` return that warning for :func:`warn` after the caller's own
+    checks. Before any work. ``state``: the checkpoint's dict."""
     from .train import check_training_data
-    note = check_training_data(args.checkpoint, x_train, y_train, data_source(args))
+    note = check_training_data(args.checkpoint, x_train, y_train, data_source(args),
+                               x_test=x_test, y_test=y_test, state=state)
+    if defer_warning:
+        return note
+    warn(args, note)
+    return None
+
+
+def warn(args, note: str | None) -> None:
+    """One warning line on stderr (nothing for None)."""
     if note:
         print(f"rce-fast {args.command}: warning: {note}", file=sys.stderr)
 
@@ -206,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cw-search", type=_positive_int, default=9,
                    help="C&W binary-search steps (default: %(default)s)")
     a.add_argument("--cw-c-init", type=_positive_float, default=1e-3,
-                   help="C&W initial c (default: %(default)s)")
+                   help="C&W initial c (default: %(default)s); cw-wb uses the release's "
+                        "10 (stage 1, at most 3 search steps) and 100 (stage 2)")
     a.add_argument("--gamma", type=float, default=0.1, help="JSMA max fraction changed")
     a.add_argument("--out", required=True, help="output .pt with x_adv, labels, info")
     a.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -342,11 +355,12 @@ def _run(args, budget) -> int:
                   f"{args.out}")
         return 0
 
-    from .train import load_classifier
+    from .train import load_classifier_and_state
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
         check_output_file(args.json, "--json")
-    model = load_classifier(args.checkpoint, device)
-    check_checkpoint_data(args, x_tr, y_tr)
+    model, state = load_classifier_and_state(args.checkpoint, device)
+    check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te)
+    del state  # the weights are in the model; the optimizer state is not needed
     if args.command == "attack":
         from . import attacks as A
         x, y = x_te[:args.n].to(device), y_te[:args.n]

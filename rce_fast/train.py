@@ -457,6 +457,13 @@ def save_checkpoint(path, net, opt, sampler, aug_g, history, step, config, in_ch
 
 def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
     """A Classifier (eval mode) from a checkpoint written by :func:`train`."""
+    return load_classifier_and_state(path, device)[0]
+
+
+def load_classifier_and_state(path, device: str | torch.device = "cpu"
+                              ) -> tuple[Classifier, dict]:
+    """:func:`load_classifier` and the checkpoint's dict (for :func:`check_images` and
+    :func:`check_training_data`), from one read of the file."""
     path = Path(path)
     device = check_device(device)
     state = _load_checkpoint(path)
@@ -469,36 +476,61 @@ def load_classifier(path, device: str | torch.device = "cpu") -> Classifier:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"checkpoint {path}: its weights do not fit the network it names "
                          f"({cfg.get('model')!r}): {first[:200]}") from None
-    return model.to(device).eval()
+    return model.to(device).eval(), state
+
+
+def _trained_image_shape(state: dict) -> tuple[int, ...] | None:
+    """(C, H, W) of the checkpoint's training images, from its data fingerprint."""
+    try:
+        return tuple(int(d) for d in state["data"]["shapes"][0][2:])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+
+
+def check_images(path, state: dict, image_shape, source: str = "the data") -> None:
+    """ValueError unless images of shape ``image_shape`` (C, H, W) are what the checkpoint
+    (``state``, read from ``path``) was trained on. A fully convolutional network runs on
+    images of any size without complaint, so this is the only guard. A checkpoint from
+    before data fingerprints records only its input channels."""
+    shape = tuple(int(d) for d in image_shape)
+    trained = _trained_image_shape(state)
+    if trained is None:
+        channels = int(state["in_channels"])
+        if not shape or shape[0] != channels:
+            raise ValueError(f"checkpoint {path} takes images with {channels} channels but "
+                             f"{source} has images of shape {shape}: use the data it was "
+                             "trained on")
+        return
+    if shape != trained:
+        raise ValueError(f"checkpoint {path} was trained on images of shape {trained} but "
+                         f"{source} has images of shape {shape}: use the data it was "
+                         "trained on")
 
 
 def check_training_data(path, x_train: torch.Tensor, y_train: torch.Tensor,
-                        source: str = "the data") -> str | None:
-    """Check that ``(x_train, y_train)`` can be the training data of checkpoint ``path``.
+                        source: str = "the data", *, x_test: torch.Tensor | None = None,
+                        y_test: torch.Tensor | None = None,
+                        state: dict | None = None) -> str | None:
+    """Check that a dataset can be the one checkpoint ``path`` was trained on.
 
-    Raises ValueError when the images' shape (C, H, W) differs from those it was trained
-    on, or a label is outside its classes: a fully convolutional network would run on
-    the wrong images without complaint. Returns a sentence when the shapes fit but the
-    data's fingerprint (:func:`data_fingerprint`) is not the checkpoint's (other data of
-    the same shape: the caller decides whether to warn), else None. A checkpoint from
-    before fingerprints is checked for its classes only.
+    Raises ValueError when the images of either split (``x_test`` / ``y_test`` too, when
+    given) have another shape than those it was trained on (:func:`check_images`), or a
+    label is outside its classes. Returns a sentence when the shapes fit but the training
+    split's fingerprint (:func:`data_fingerprint`) is not the checkpoint's (other data of
+    the same shape: the caller decides whether to warn), else None. ``state``: the
+    checkpoint's dict if already read (:func:`load_classifier_and_state`).
     """
     path = Path(path)
-    state = _load_checkpoint(path)
+    state = _load_checkpoint(path) if state is None else state
     classes = int(state["num_classes"])
-    if len(y_train) and int(y_train.max()) >= classes:
-        raise ValueError(f"checkpoint {path} has {classes} classes but {source} has label "
-                         f"{int(y_train.max())}: use the data it was trained on")
+    for x, y, split in ((x_train, y_train, "training"), (x_test, y_test, "test")):
+        if y is not None and len(y) and int(y.max()) >= classes:
+            raise ValueError(f"checkpoint {path} has {classes} classes but {source} has "
+                             f"{split} label {int(y.max())}: use the data it was trained on")
+        if x is not None:
+            check_images(path, state, x.shape[1:], f"{source} ({split} split)")
     data = state.get("data")
-    try:
-        trained = tuple(int(d) for d in data["shapes"][0][2:])
-    except (TypeError, KeyError, IndexError, ValueError):
-        return None
-    if tuple(x_train.shape[1:]) != trained:
-        raise ValueError(f"checkpoint {path} was trained on images of shape {trained} but "
-                         f"{source} has images of shape {tuple(x_train.shape[1:])}: use the "
-                         "data it was trained on")
-    if data_fingerprint(x_train, y_train) != data:
+    if data is not None and data_fingerprint(x_train, y_train) != data:
         return (f"{source} is not the training data of checkpoint {path} (same image "
                 "shape, other contents)")
     return None

@@ -65,6 +65,19 @@ def files(tmp_path_factory):
              y_train=np.where(y_tr[:50] == 3, 10, y_tr[:50]), x_test=x_te, y_test=y_te)
     np.savez(root / "other.npz", x_train=x_tr[:300], y_train=y_tr[:300], x_test=x_te,
              y_test=y_te)
+    # its training split, but test images of another size / a test label it lacks
+    np.savez(root / "test_big.npz", x_train=x_tr, y_train=y_tr,
+             x_test=np.zeros((20, 1, 16, 16), np.float32), y_test=y_te[:20])
+    np.savez(root / "test_label_10.npz", x_train=x_tr, y_train=y_tr, x_test=x_te,
+             y_test=np.where(y_te == 3, 10, y_te))
+    keep = y_tr < 5                                          # classes 0..4 only
+    np.savez(root / "five.npz", x_train=x_tr[keep], y_train=y_tr[keep], x_test=x_te,
+             y_test=y_te)
+    np.save(root / "imgs_big.npy", np.zeros((8, 16, 16), np.float32))
+    old = torch.load(ck, weights_only=False)                 # before data fingerprints
+    del old["data"]
+    torch.save(old, root / "ck_old.pt")
+    np.save(root / "imgs_rgb.npy", np.zeros((8, 3, 8, 8), np.float32))
     return root
 
 
@@ -132,7 +145,12 @@ CASES += [("evaluate", "--json", "a_file/r.json", "a_file"),
           ("fit-detector", "--data-dir", "missing.npz", "missing.npz")]
 for _cmd in ("attack", "evaluate", "fit-detector", "attack-pgd"):  # not its training data
     CASES.append((_cmd, "--data-dir", "big_images.npz", "(1, 16, 16)"))
-    CASES.append((_cmd, "--data-dir", "label_10.npz", "label 10"))
+    CASES.append((_cmd, "--data-dir", "label_10.npz", "training label 10"))
+for _cmd in ("attack", "evaluate", "attack-pgd"):                  # they use the test split
+    CASES.append((_cmd, "--data-dir", "test_big.npz", "test split) has images of shape (1, 16"))
+    CASES.append((_cmd, "--data-dir", "test_label_10.npz", "test label 10"))
+CASES += [("fit-detector", "--data-dir", "five.npz", "no class 5, 6, 7, 8, 9 of the"),
+          ("detect", "--input", "imgs_big.npy", "(1, 16, 16)")]
 
 
 @pytest.mark.parametrize("command, option, value, message", CASES,
@@ -163,6 +181,19 @@ def test_user_error_is_one_line_exit_2(files, capsys, command, option, value, me
     after = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     assert after == before, "an output was written by a command that failed"
     assert not list(files.rglob("*.tmp")) and not list(files.rglob(".*.parts"))
+
+
+def test_a_checkpoint_without_fingerprint_is_checked_for_its_channels(files, capsys):
+    """A checkpoint from before data fingerprints records only its input channels: those
+    are checked (H and W cannot be), and its own data passes."""
+    old = str(files / "ck_old.pt")
+    detect = _set(_base("detect", files), "--checkpoint", old)
+    capsys.readouterr()
+    assert main(_set(detect, "--input", str(files / "imgs_rgb.npy"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rce-fast detect: error: checkpoint") and "1 channels" in err, err
+    assert main(_set(_base("evaluate", files), "--checkpoint", old)) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["attack", "evaluate", "fit-detector"])
