@@ -212,6 +212,21 @@ def test_autoattack_takes_the_flagged_class_as_its_success(guarded):
     assert info.success.float().mean() >= real_aa.float().mean() + 0.4
 
 
+def test_a_threshold_that_flags_everything_is_refused(guarded):
+    """fit_threshold(fpr=1) gives +inf (flag every input); as the extra logit it would be
+    inf and the attacks' gradients NaN, so the wrapper refuses it, naming the threshold."""
+    model, det, _ = guarded
+    x, _ = digits_tensors()
+    det = copy.deepcopy(det)
+    with torch.no_grad():
+        z, f = model.logits_and_features(x[1500:1550])
+    assert det.fit_threshold(f, z.argmax(1), fpr=1.0) == math.inf
+    assert det.detect(f, z.argmax(1)).all()
+    for kw in ({}, {"threshold": math.inf}, {"threshold": -math.inf}, {"threshold": math.nan}):
+        with pytest.raises(ValueError, match="threshold"):
+            GuardedClassifier(model, det, **kw)
+
+
 def test_other_detectors_and_errors():
     model = digits_mlp("rce")
     x, _ = digits_tensors()

@@ -76,6 +76,10 @@ class GuardedClassifier(nn.Module):
                 raise ValueError("threshold is None and the detector has none: pass "
                                  "threshold= or call detector.fit_threshold first")
         threshold = check_real(threshold, "threshold")
+        if not math.isfinite(threshold):  # +inf: a threshold at fpr = 1 ("flag everything")
+            raise ValueError(f"threshold must be finite, got {threshold} (a threshold "
+                             "fitted at fpr = 1 flags every input: the extra logit would be "
+                             "infinite and its gradient NaN)")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
                 not (0 < scale < math.inf):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
