@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs rce_fast (editable) with its test extras on a fresh machine.
 #
-# torch comes first and pinned: on a machine with no torch, an unpinned `torch` from
-# PyPI pulls several GB of CUDA packages, so we pin 2.13.0 (the CPU build where the index
-# serves one, or from RCE_FAST_TORCH_INDEX). If torch is already installed (e.g. your CUDA
-# build), it is kept as it is.
+# torch comes first and pinned (2.13.0, the version tested) when no torch is installed.
+# Which build that is depends on the index: this project's package index serves the CPU
+# build, while PyPI's Linux torch is the CUDA build with several GB of CUDA packages; set
+# RCE_FAST_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu) to take torch from
+# another index. An installed torch (e.g. your CUDA build) is kept as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

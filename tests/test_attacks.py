@@ -1,4 +1,6 @@
 """FGSM, BIM, ILCM, RAND against their direct formulas; C&W, C&W-hc, C&W-wb properties."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,6 +299,30 @@ def test_cw_wb_lowers_f2_compared_with_plain_cw(batch, rce_detector):
     assert info.f2_positive_ratio_on_target == pytest.approx(
         float((f2_wb[on] > 0).float().mean()))
     assert torch.equal(info.success, info.classified_as_target & (info.f2 <= 0))
+
+
+def test_cw_wb_table3_ratio_counts_only_the_examples_on_target(batch, rce_detector):
+    """At budgets too short for every input, the paper's ratio is taken among the inputs
+    moved to the target class (x*): failed attacks keep f2 > 0 and would inflate it. With
+    none on target it is NaN (undefined), while the ratio over all inputs is 1."""
+    model, det = rce_detector
+    x, _ = batch
+    x = x[:40]
+    target = (model(x).argmax(1) + 4) % 10
+    for iterations, some in ((30, True), (3, False)):
+        stage = {"max_iterations": iterations, "c_init": 1.0, "binary_search_steps": 1}
+        _, info = cw_wb(model, x, target, det, kappa=0.5, lr=0.05, stage1=stage,
+                        stage2=stage, return_info=True)
+        on, positive = info.classified_as_target, info.f2 > 0
+        assert info.f2_positive_ratio == pytest.approx(float(positive.float().mean()))
+        if some:
+            assert 0 < int(on.sum()) < len(x)          # some, not all, reached the target
+            assert info.f2_positive_ratio_on_target == pytest.approx(
+                float(positive[on].float().mean()))
+            assert info.f2_positive_ratio_on_target < info.f2_positive_ratio
+        else:
+            assert not on.any() and math.isnan(info.f2_positive_ratio_on_target)
+            assert info.f2_positive_ratio == 1.0
 
 
 def test_cw_wb_needs_medians_and_features(batch, rce_detector):

@@ -185,6 +185,25 @@ def test_kd_comparison_separates_noise_from_real_gaps(tiny_run):
     assert "no AUC" in report and "C&W" in report
 
 
+def test_table3_rows_with_no_example_on_target_or_from_older_results(tiny_run):
+    """The C&W-wb table reads the ratio among the examples on target: NaN (none on
+    target) and a results dict written before that column existed both print n/a."""
+    import copy
+    _, results, _ = tiny_run
+    models = copy.deepcopy(results["models"])
+    models["ce"]["attacks"]["C&W-wb"].update(f2_positive_ratio=0.5,
+                                             f2_positive_ratio_on_target=float("nan"),
+                                             classified_as_target=0.0)
+    models["rce"]["attacks"]["C&W-wb"].pop("f2_positive_ratio_on_target")
+    models["rce"]["attacks"]["C&W-wb"].update(f2_positive_ratio=0.75,
+                                              classified_as_target=0.25)
+    report = render_report({**results, "models": models})
+    rows = [line for line in report.splitlines() if line.startswith(("| CE |", "| RCE |"))
+            and line.count("|") == 6]
+    assert rows[0].startswith("| CE | 0.00 | n/a | 0.50 |"), rows
+    assert rows[1].startswith("| RCE | 0.25 | n/a | 0.75 |"), rows
+
+
 def test_checkpoints_are_reused(tiny_run, tmp_path):
     out, _, _ = tiny_run
     cfg = ExperimentConfig.demo(out=str(tmp_path), n_attack=8, per_class=20, kernel_points=5,
