@@ -637,5 +637,9 @@ def run_attack(args, model, x, y, device) -> int:
         robust = (flagged | (pred == y)).double().mean().item()
         line += (f", {flagged.double().mean().item():.1%} flagged, robust accuracy "
                  f"{robust:.1%} at threshold {threshold:.6g}")
+    if args.attack == "cw-wb":  # the paper's Table 3 reading
+        ratio = info.f2_positive_ratio_on_target
+        line += (f"; {info.classified_as_target.double().mean().item():.1%} on target, "
+                 f"f2 > 0 among them: " + ("n/a" if ratio != ratio else f"{ratio:.2f}"))
     print(f"{line} -> {args.out}")
     return 0

@@ -120,6 +120,10 @@ def test_adaptive_attacks_from_the_command_line(trained, capsys):
         assert (saved["x_adv"].abs() <= 0.5 + 1e-6).all()
     assert outs[("pgd", True)]["threshold"] == load_detector(files["kdensity"]).threshold
     assert "flagged" in outs[("pgd", True)]["info"] and "f2" in outs[("cw-wb", True)]["info"]
+    wb = outs[("cw-wb", True)]["info"]  # the printed Table 3 reading matches the file
+    on = wb["classified_as_target"]
+    ratio = "n/a" if not on.any() else f"{float((wb['f2'][on] > 0).float().mean()):.2f}"
+    assert f"{on.double().mean().item():.1%} on target, f2 > 0 among them: {ratio}" in text
     # the saved files feed `rce-fast evaluate` like the paper's attacks
     assert main(["evaluate", "--checkpoint", str(ckpt), "--adversarial",
                  str(root / "pgd2.pt")]) == 0
