@@ -227,6 +227,17 @@ def test_a_threshold_that_flags_everything_is_refused(guarded):
             GuardedClassifier(model, det, **kw)
 
 
+def test_flags_refuses_nan_inputs(guarded):
+    """A NaN score compares False with the threshold, which would read "not flagged"."""
+    _, _, g = guarded
+    x, _ = digits_tensors()
+    bad = x[:4].clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        g.flags(bad)
+    assert g.flags(x[:4]).shape == (4,)
+
+
 def test_other_detectors_and_errors():
     model = digits_mlp("rce")
     x, _ = digits_tensors()

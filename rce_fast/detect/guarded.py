@@ -139,6 +139,11 @@ class GuardedClassifier(nn.Module):
         return self.guard(logits, scores)
 
     def flags(self, x: Tensor) -> Tensor:
-        """Bool (B,): the detector flags x (score < threshold)."""
+        """Bool (B,): the detector flags x (score < threshold). x is checked first (a NaN
+        score would compare False: "not flagged"); ``forward`` leaves that check to its
+        callers (rce_fast's attacks check x once), as it would cost a host sync per call,
+        and NaN in x gives NaN logits there, as in any module."""
+        from ._layered import check_inputs
+        check_inputs(x, "x")
         with torch.no_grad():
             return self.logits_and_score(x)[1] < self.threshold
