@@ -199,11 +199,12 @@ def _fit_detector(args) -> int:
         fit = fit[:args.n_fit]
     x_fit, y_fit = x_tr[fit], y_tr[fit]
     missing = sorted(set(range(num_classes)) - set(torch.unique(y_fit).tolist()))
-    if missing:  # the detector would have no training features for them
+    if missing and args.kind != "lid":  # K-density / Mahalanobis: per-class statistics
         raise ValueError(f"{data_source(args)}: the inputs the detector is fitted on hold no "
                          f"class {', '.join(map(str, missing[:10]))}"
                          f"{' ...' if len(missing) > 10 else ''} of the checkpoint's "
-                         f"{num_classes} classes; every class needs training inputs")
+                         f"{num_classes} classes; every class needs training inputs"
+                         + (f" (raise --n-fit {args.n_fit})" if args.n_fit else ""))
     warn(args, note)  # after the errors: an error is the only line
     progress = not args.quiet
     kernel_points = None
@@ -585,8 +586,9 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
 
 # ---------------------------------------------------------------------- adaptive attacks
 
-def run_attack(args, model, x, y, device) -> int:
-    """`rce-fast attack --attack cw-wb|pgd|opgd`: craft, save, and report."""
+def run_attack(args, model, x, y, device, note: str | None = None) -> int:
+    """`rce-fast attack --attack cw-wb|pgd|opgd`: craft, save, and report. ``note``: the
+    data warning, printed once the checks here have passed."""
     import torch
 
     from . import attacks as A
@@ -601,10 +603,18 @@ def run_attack(args, model, x, y, device) -> int:
         raise ValueError(f"--attack {args.attack} needs --detector (from `rce-fast "
                          "fit-detector`)")
     threshold = None if file is None else file.threshold_for(args.fpr)
+    if threshold is not None and not math.isfinite(threshold):
+        where = f"--fpr {args.fpr:g}" if args.fpr is not None else \
+            f"the threshold stored in --detector {args.detector}"
+        raise ValueError(f"{where} flags every input (threshold {threshold}): an attack on "
+                         "the detector needs a threshold below 1 in FPR; pass --fpr < 1")
+    if args.attack == "cw-wb" and (file.kind != "kdensity" or
+                                   getattr(file.detector, "median_index", None) is None):
+        raise ValueError("cw-wb attacks the K-density detector: pass a kdensity detector "
+                         "file from `rce-fast fit-detector` (it has the class medians)")
+    from .cli import warn
+    warn(args, note)
     if args.attack == "cw-wb":
-        if file.kind != "kdensity" or getattr(file.detector, "median_index", None) is None:
-            raise ValueError("cw-wb attacks the K-density detector: pass a kdensity detector "
-                             "file from `rce-fast fit-detector` (it has the class medians)")
         s1 = dict(max_iterations=args.cw_steps, c_init=10.0,
                   binary_search_steps=min(3, args.cw_search))
         s2 = dict(max_iterations=args.cw_steps, c_init=100.0,

@@ -359,13 +359,14 @@ def _run(args, budget) -> int:
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
         check_output_file(args.json, "--json")
     model, state = load_classifier_and_state(args.checkpoint, device)
-    check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te)
+    # the warning waits for the command's own checks: an error is the only line
+    note = check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te, defer_warning=True)
     del state  # the weights are in the model; the optimizer state is not needed
     if args.command == "attack":
         from . import attacks as A
         x, y = x_te[:args.n].to(device), y_te[:args.n]
         if args.attack in _cli_detect.ADAPTIVE_ATTACKS:
-            return _cli_detect.run_attack(args, model, x, y, device)
+            return _cli_detect.run_attack(args, model, x, y, device, note)
         cw = dict(binary_search_steps=args.cw_search, max_iterations=args.cw_steps,
                   c_init=args.cw_c_init,
                   seed=args.seed, return_info=True)
@@ -377,6 +378,7 @@ def _run(args, budget) -> int:
                 "cw": lambda: A.cw_l2(model, x, "random", **cw),
                 "cw-hc": lambda: A.cw_l2(model, x, "random", kappa=10.0, **cw),
                 "rand": lambda: (A.rand_noise(x, args.eps, seed=args.seed), None)}
+        warn(args, note)
         adv, info = runs[args.attack]()
         atomic_torch_save({"attack": args.attack, "x_adv": adv.cpu(), "labels": y,
                            "n": args.n, "info": None if info is None else
@@ -391,6 +393,7 @@ def _run(args, budget) -> int:
     from .detect import KDensityDetector, confidence, non_me, paper_auc
     from .train import evaluate_error
     adversarial = [(path, _load_adversarial(path, x_te)) for path in args.adversarial]
+    warn(args, note)
     result = {"checkpoint": args.checkpoint, "test_error": evaluate_error(model, x_te, y_te),
               "attacks": {}}
     with torch.no_grad():

@@ -286,6 +286,10 @@ def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = 
         budget.sync = lambda: torch.cuda.synchronize(device)
     out = check_output_folder(cfg.out, "output folder")
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    fpr = cfg.defense_fpr  # the adaptive attacks need a finite threshold: checked up front
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 <= fpr < 1:
+        raise ValueError(f"defense_fpr must be a number in [0, 1), got {fpr!r} (at 1 every "
+                         "input is flagged and the adaptive attacks have no threshold)")
     if min(cfg.n_attack, len(x_te)) < 2:  # checked before any work, not at the last table
         raise ValueError(f"n_attack must be >= 2 (got {cfg.n_attack}, {len(x_te)} test "
                          "images): the defense table calibrates its thresholds on half "

@@ -150,7 +150,8 @@ for _cmd in ("attack", "evaluate", "attack-pgd"):                  # they use th
     CASES.append((_cmd, "--data-dir", "test_big.npz", "test split) has images of shape (1, 16"))
     CASES.append((_cmd, "--data-dir", "test_label_10.npz", "test label 10"))
 CASES += [("fit-detector", "--data-dir", "five.npz", "no class 5, 6, 7, 8, 9 of the"),
-          ("detect", "--input", "imgs_big.npy", "(1, 16, 16)")]
+          ("detect", "--input", "imgs_big.npy", "(1, 16, 16)"),
+          ("attack-pgd", "--fpr", "1", "--fpr 1 flags every input")]
 
 
 @pytest.mark.parametrize("command, option, value, message", CASES,
@@ -181,6 +182,37 @@ def test_user_error_is_one_line_exit_2(files, capsys, command, option, value, me
     after = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     assert after == before, "an output was written by a command that failed"
     assert not list(files.rglob("*.tmp")) and not list(files.rglob(".*.parts"))
+
+
+def test_an_error_is_the_only_line_even_with_other_data(files, capsys):
+    """The "other data" warning waits for each command's own checks: when one fails, its
+    error is the only line on stderr."""
+    other = str(files / "other.npz")
+    cases = [(_set(_set(_base("attack", files), "--attack", "cw-wb"), "--data-dir", other),
+              "needs --detector"),
+             (_set(_base("evaluate", files), "--adversarial", str(files / "missing.pt")),
+              "missing.pt"),
+             (_set(_base("attack-pgd", files), "--detector", str(files / "ck.pt")), "ck.pt")]
+    for argv, message in cases:
+        argv = _set(_set(argv, "--dataset", "npz"), "--data-dir", other)
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0] and message in err[0], err
+
+
+def test_lid_needs_no_class_of_its_fit_inputs(files, tmp_path, capsys):
+    """LID uses its fit inputs as unlabelled reference batches: fit inputs lacking classes
+    are fine there (K-density and Mahalanobis refuse them)."""
+    argv = ["fit-detector", "--checkpoint", str(files / "ck.pt"), "--kind", "lid",
+            "--dataset", "npz", "--data-dir", str(files / "five.npz"), "--n-fit", "30",
+            "--n-regression", "60", "--n-calibration", "50", "--lid-batch", "10",
+            "--lid-batches", "1", "--k", "3", "--quiet", "--out", str(tmp_path / "lid.pt")]
+    assert main(argv) == 0
+    assert (tmp_path / "lid.pt").is_file()
+    argv[argv.index("lid")] = "mahalanobis"
+    assert main(argv) == 2
+    assert "(raise --n-fit 30)" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_fingerprint_is_checked_for_its_channels(files, capsys):
