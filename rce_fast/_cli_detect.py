@@ -184,7 +184,7 @@ def _fit_detector(args) -> int:
     model, state = load_classifier_and_state(args.checkpoint, device)
     x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
     from .cli import check_checkpoint_data, data_source, warn
-    note = check_checkpoint_data(args, state, x_tr, y_tr, defer_warning=True)
+    note = check_checkpoint_data(args, state, x_tr, y_tr)
     num_classes = int(state["num_classes"])  # the model's, whatever labels the data has
     del state
     n = len(x_tr)

@@ -26,19 +26,15 @@ def data_source(args) -> str:
                                           if args.data_dir else "")
 
 
-def check_checkpoint_data(args, state, x_train, y_train, x_test=None, y_test=None,
-                          defer_warning: bool = False) -> str | None:
+def check_checkpoint_data(args, state, x_train, y_train, x_test=None,
+                          y_test=None) -> str | None:
     """Refuse a dataset whose images (either split) the checkpoint was not trained on, or
-    whose labels it does not have; warn (stderr) about other data of the same shape, or
-    with ``defer_warning`` return that warning for :func:`warn` after the caller's own
-    checks. Before any work. ``state``: the checkpoint's dict."""
+    whose labels it does not have, before any work. Returns the warning for other data of
+    the same shape (or None): the caller prints it with :func:`warn` once its own checks
+    have passed, so an error is always the only line. ``state``: the checkpoint's dict."""
     from .train import check_training_data
-    note = check_training_data(args.checkpoint, x_train, y_train, data_source(args),
+    return check_training_data(args.checkpoint, x_train, y_train, data_source(args),
                                x_test=x_test, y_test=y_test, state=state)
-    if defer_warning:
-        return note
-    warn(args, note)
-    return None
 
 
 def warn(args, note: str | None) -> None:
@@ -359,8 +355,7 @@ def _run(args, budget) -> int:
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
         check_output_file(args.json, "--json")
     model, state = load_classifier_and_state(args.checkpoint, device)
-    # the warning waits for the command's own checks: an error is the only line
-    note = check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te, defer_warning=True)
+    note = check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te)  # warned below
     del state  # the weights are in the model; the optimizer state is not needed
     if args.command == "attack":
         from . import attacks as A

@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 
 from . import attacks as A
+from .attacks.cw import f2_positive_ratios
 from .data import load_dataset
 from . import _defense_table as DT
 from .detect import KDensityDetector, confidence, non_me, paper_auc
+from .detect.rates import _check_fpr
 from .resume import (Budget, ResumeMismatch, StopRequested, WorkControl, atomic_torch_save,
                      atomic_write, atomic_write_text, check_output_folder, normalise,
                      pack_like, settings_diff, unpack_like)
@@ -286,10 +288,10 @@ def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = 
         budget.sync = lambda: torch.cuda.synchronize(device)
     out = check_output_folder(cfg.out, "output folder")
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    fpr = cfg.defense_fpr  # the adaptive attacks need a finite threshold: checked up front
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 <= fpr < 1:
-        raise ValueError(f"defense_fpr must be a number in [0, 1), got {fpr!r} (at 1 every "
-                         "input is flagged and the adaptive attacks have no threshold)")
+    # the adaptive attacks need a finite threshold: checked up front
+    if _check_fpr(cfg.defense_fpr, "defense_fpr") == 1.0:
+        raise ValueError("defense_fpr must be below 1: at 1 every input is flagged and the "
+                         "adaptive attacks have no threshold")
     if min(cfg.n_attack, len(x_te)) < 2:  # checked before any work, not at the last table
         raise ValueError(f"n_attack must be >= 2 (got {cfg.n_attack}, {len(x_te)} test "
                          "images): the defense table calibrates its thresholds on half "
@@ -495,10 +497,8 @@ def _attack_entry(name, adv, info: dict, x_att, y_att, clean, model, det, device
         # from the stored per-example values, so a state folder of an earlier version
         # (which kept only the ratio over every input) reports the same
         ok = info["classified_as_target"].cpu()
-        positive = info["f2"].cpu() > 0
-        entry["f2_positive_ratio"] = float(positive.float().mean())
-        entry["f2_positive_ratio_on_target"] = float(positive[ok].float().mean()) \
-            if ok.any() else math.nan
+        entry["f2_positive_ratio"], entry["f2_positive_ratio_on_target"] = \
+            f2_positive_ratios(info["f2"].cpu(), ok)
         entry["classified_as_target"] = float(ok.float().mean())
         entry["distortion_l2"] = float(info["l2"].cpu()[ok].mean()) if ok.any() else None
     return entry, adv_pred, adv_scores

@@ -204,13 +204,15 @@ def test_table3_rows_with_no_example_on_target_or_from_older_results(tiny_run):
     assert rows[1].startswith("| RCE | 0.25 | n/a | 0.75 |"), rows
 
 
-@pytest.mark.parametrize("fpr", [1.0, -0.1, float("nan"), "0.05", True])
-def test_a_defense_fpr_without_a_threshold_is_refused_before_any_work(tmp_path, fpr):
+@pytest.mark.parametrize("fpr, error", [(1.0, ValueError), (-0.1, ValueError),
+                                        (float("nan"), ValueError), ("0.05", TypeError),
+                                        (True, TypeError)])
+def test_a_defense_fpr_without_a_threshold_is_refused_before_any_work(tmp_path, fpr, error):
     """At FPR 1 every input is flagged and the adaptive attacks have no finite threshold:
     refused at the start, not after training and fitting."""
     from rce_fast.experiment import run_experiment
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="defense_fpr"):
+    with pytest.raises(error, match="defense_fpr"):
         run_experiment(ExperimentConfig.demo(out=str(out), defense_fpr=fpr), log=lambda *a: None)
     assert not out.exists() or not any(out.iterdir())
 

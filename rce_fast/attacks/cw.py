@@ -544,10 +544,17 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
         z, feats = logits_and_features(model, adv)
         f2 = f2_of(feats)
         on_target = (_margin(z.float(), cls, True)[0] + kappa) <= 0
-        positive = f2 > 0
-        on_target_ratio = float(positive[on_target].float().mean()) if bool(on_target.any()) \
-            else math.nan
+    over_all, on_target_ratio = f2_positive_ratios(f2, on_target)
     return adv, AttackInfo(success=success & on_target & (f2 <= 0), target=cls, extra={
-        "f2": f2, "f2_positive_ratio": float(positive.float().mean()),
+        "f2": f2, "f2_positive_ratio": over_all,
         "f2_positive_ratio_on_target": on_target_ratio, "l2": l2.sqrt(),
         "c": c, "classified_as_target": on_target})
+
+
+def f2_positive_ratios(f2: Tensor, on_target: Tensor) -> tuple[float, float]:
+    """C&W-wb's two readings of the paper's Table 3: the share of f2 > 0 over every input,
+    and among the inputs on target (the adversarial examples x*; NaN when there are
+    none). ``f2`` (B,) and ``on_target`` (B,) bool, as in cw_wb's AttackInfo."""
+    positive = f2 > 0
+    among = float(positive[on_target].float().mean()) if bool(on_target.any()) else math.nan
+    return float(positive.float().mean()), among
