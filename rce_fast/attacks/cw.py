@@ -372,8 +372,10 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
           control=None):
     """Carlini-Wagner L2 attack, batched, with a per-example binary search over c.
 
-    Minimises ||x' - x||^2 + c * max(margin, -kappa) over x' = tanh(w) * half + mid (the
-    box ``clip``), with Adam. ``kappa > 0`` is C&W-hc (the release used 10).
+    Minimises ||x' - x||^2 + c * max(margin + kappa, 0) over x' = tanh(w) * half + mid
+    (the box ``clip``), with Adam: Carlini's released loss, whose value (the one
+    abort-early compares) is the paper's c * max(margin, -kappa) plus c * kappa; the
+    gradients are the same. ``kappa > 0`` is C&W-hc (the release used 10).
 
     Args:
         model: module returning decision logits (B, L).
