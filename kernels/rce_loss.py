@@ -26,6 +26,10 @@ from ._launch import device_guard
 _TILE = 4096
 _MAX_BLOCK_L = 4096
 _NUM_WARPS = 8
+# CUDA's limit on grid axis 1 (the backward's class tiles; programs stride past it).
+MAX_GRID_Y = 65535
+# int32 column indices: the backward's last stride (MAX_GRID_Y tiles) must not overflow.
+MAX_CLASSES = 2 ** 31 - 1 - MAX_GRID_Y * _MAX_BLOCK_L
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -67,27 +71,40 @@ def _rce_fwd_kernel(Z, Y, LOSS, LSE, N, L, stride_row, ignore_index, inv_t, inv_
 
 
 @triton.jit
-def _rce_bwd_kernel(Z, Y, LSE, G, DZ, N, L, stride_row, stride_grad, ignore_index, inv_t,
-                    inv_lm1, ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = pid_c * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < N
+def _rce_bwd_tile(Z, DZ, rows, row_ok, cols, y, lse, g, keep, bad, L, stride_row,
+                  stride_grad, inv_t, inv_lm1):
     mask = row_ok[:, None] & (cols < L)[None, :]
+    u = tl.load(Z + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+    p = tl.exp(u.to(tl.float32) * inv_t - lse[:, None])
+    r = tl.where(cols[None, :] == y[:, None], 0.0, inv_lm1)
+    dz = tl.where(keep[:, None], (p - r) * g[:, None], 0.0)
+    dz = tl.where(bad[:, None], float("nan"), dz)
+    tl.store(DZ + rows[:, None] * stride_grad + cols[None, :], dz.to(DZ.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _rce_bwd_kernel(Z, Y, LSE, G, DZ, N, L, stride_row, stride_grad, ignore_index, inv_t,
+                    inv_lm1, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+                    STRIDED: tl.constexpr):
+    pid_r = tl.program_id(0)
+    rows = pid_r.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
     y = tl.load(Y + rows, mask=row_ok, other=0)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     keep = y != ignore_index
     # Upstream gradient per row, already including the 1/T of the chain rule.
     g = tl.where(keep, tl.load(G + rows, mask=row_ok, other=0.0), 0.0) * inv_t
-    u = tl.load(Z + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
-    p = tl.exp(u.to(tl.float32) * inv_t - lse[:, None])
-    r = tl.where(cols[None, :] == y[:, None], 0.0, inv_lm1)
-    dz = tl.where(keep[:, None], (p - r) * g[:, None], 0.0)
     bad = keep & ((y < 0) | (y >= L))  # see the forward: NaN, never a wrong gradient
-    dz = tl.where(bad[:, None], float("nan"), dz)
-    tl.store(DZ + rows[:, None] * stride_grad + cols[None, :], dz.to(DZ.dtype.element_ty),
-             mask=mask)
+    if STRIDED:
+        # More class tiles than grid axis 1 holds (CUDA caps it at 65535: 268M classes
+        # at BLOCK_L = 4096): each program strides over several.
+        for c0 in range(tl.program_id(1) * BLOCK_L, L, tl.num_programs(1) * BLOCK_L):
+            _rce_bwd_tile(Z, DZ, rows, row_ok, c0 + tl.arange(0, BLOCK_L), y, lse, g, keep,
+                          bad, L, stride_row, stride_grad, inv_t, inv_lm1)
+    else:
+        _rce_bwd_tile(Z, DZ, rows, row_ok, tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L),
+                      y, lse, g, keep, bad, L, stride_row, stride_grad, inv_t, inv_lm1)
 
 
 # (elements per program tile, num_warps) by BLOCK_L, forward and backward. The forward
@@ -154,13 +171,17 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     interp_bf16 = z.device.type == "cpu" and z.dtype == torch.bfloat16
     grad = torch.empty((n, num_classes), dtype=torch.float32 if interp_bf16 else z.dtype,
                        device=z.device)
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"logits has {num_classes} classes; the CUDA kernel takes at most "
+                         f"{MAX_CLASSES} (int32 class indices)")
     rows, block_l, warps = block_config(num_classes, backward=True)
-    grid = (triton.cdiv(n, rows), triton.cdiv(num_classes, block_l))
+    tiles = triton.cdiv(num_classes, block_l)
+    grid = (triton.cdiv(n, rows), min(tiles, MAX_GRID_Y))
     with device_guard(z.device):
         _rce_bwd_kernel[grid](
             z, target, lse, grad_rows, grad, n, num_classes, z.stride(0), grad.stride(0),
             ignore_index, inv_temperature, 1.0 / (num_classes - 1),
-            ROWS=rows, BLOCK_L=block_l, num_warps=warps)
+            ROWS=rows, BLOCK_L=block_l, STRIDED=tiles > MAX_GRID_Y, num_warps=warps)
     return grad.to(z.dtype)
 
 
@@ -181,11 +202,14 @@ def aot_specs() -> list[dict]:
                            "inv_t": "fp32", "inv_lm1": "fp32",
                            "ROWS": "constexpr", "BLOCK_L": "constexpr"}))
         for rows, block_l, warps in all_block_configs(backward=True):
-            const = {"ROWS": rows, "BLOCK_L": block_l}
-            specs.append(dict(
-                kernel=_rce_bwd_kernel, num_warps=warps, constexprs=const,
-                signature={"Z": zt, "Y": "*i64", "LSE": "*fp32", "G": "*fp32", "DZ": zt,
-                           "N": "i32", "L": "i32", "stride_row": "i64", "stride_grad": "i64",
-                           "ignore_index": "i32", "inv_t": "fp32", "inv_lm1": "fp32",
-                           "ROWS": "constexpr", "BLOCK_L": "constexpr"}))
+            # the strided form only where a class count can need it: the widest tile
+            for strided in (False, True) if block_l == _MAX_BLOCK_L else (False,):
+                const = {"ROWS": rows, "BLOCK_L": block_l, "STRIDED": strided}
+                specs.append(dict(
+                    kernel=_rce_bwd_kernel, num_warps=warps, constexprs=const,
+                    signature={"Z": zt, "Y": "*i64", "LSE": "*fp32", "G": "*fp32", "DZ": zt,
+                               "N": "i32", "L": "i32", "stride_row": "i64",
+                               "stride_grad": "i64", "ignore_index": "i32", "inv_t": "fp32",
+                               "inv_lm1": "fp32", "ROWS": "constexpr",
+                               "BLOCK_L": "constexpr", "STRIDED": "constexpr"}))
     return specs

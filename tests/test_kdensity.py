@@ -374,6 +374,30 @@ def test_triton_upper_bound_grid_without_host_sync(monkeypatch):
     torch.testing.assert_close(qq.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflow
+def test_triton_forward_survives_a_tile_of_overflowing_distances():
+    """A tile of bank rows whose d2 / sigma2 all overflow to -inf before any finite one:
+    the running log-sum-exp must shift by 0 there (as the RCE kernel does), not produce
+    exp(-inf - -inf) = nan and carry it on. Launcher level, against the PyTorch path."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "0" and not torch.cuda.is_available():
+        pytest.skip("neither the Triton interpreter nor a GPU in this run")
+    from rce_fast import _torch_impl
+    from rce_fast.kernels import kdensity as k
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = 4
+    q = torch.zeros(2, d, device=device)
+    q[1] = 2e3  # the second query's class: every row overflows (lse = -inf on both paths)
+    far = torch.full((300, d), 1e3, device=device)  # d2 / sigma2 = 4e6 / 1e-34: -inf
+    bank = torch.cat([far, torch.zeros(1, d, device=device), far[:5]])
+    qo = torch.tensor([0, 1, 2], device=device)
+    bo = torch.tensor([0, 301, 306], device=device)
+    sigma2 = 1e-34
+    out = k.kdensity_lse(q, qo, bank, bo, sigma2)
+    ref = _torch_impl.kdensity_lse(q.cpu(), qo.cpu(), bank.cpu(), bo.cpu(), sigma2)
+    assert ref[0] == 0.0 and ref[1] == -float("inf")
+    torch.testing.assert_close(out.cpu(), ref)
+
+
 # ------------------------------------------------------------- reliability (issue 12)
 
 @pytest.mark.parametrize("on_backend", DEVICE_BACKENDS, indirect=True)

@@ -595,3 +595,38 @@ def test_opcheck_backward_op_with_gradients():
     torch.library.opcheck(torch.ops.rce_fast.rce_loss_backward.default,
                           (g.requires_grad_(True), z.clone().requires_grad_(True), y, lse,
                            -100, 0.5))
+
+
+@pytest.mark.parametrize("grid_y", [1, 2, 3])
+def test_backward_strides_over_class_tiles_past_the_grid_limit(monkeypatch, grid_y):
+    """More class tiles than grid axis 1 may hold (CUDA: 65535, i.e. 268M classes): the
+    backward's strided form, forced here with a tiny limit, gives the same gradient."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "0" and not torch.cuda.is_available():
+        pytest.skip("neither the Triton interpreter nor a GPU in this run")
+    from rce_fast.kernels import rce_loss as k
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(grid_y)
+    z = torch.randn(3, 3 * 4096 + 17, generator=g).to(device)  # 4 tiles of 4096 classes
+    y = torch.tensor([5, 4096 * 2 + 3, 12300], device=device)
+    w = torch.tensor([1.0, -2.0, 0.5], device=device)
+    with rce_fast.use_backend("triton"):
+        zz = z.clone().requires_grad_(True)
+        (rce_fast.rce_loss(zz, y, reduction="none") * w).sum().backward()
+        monkeypatch.setattr(k, "MAX_GRID_Y", grid_y)
+        zs = z.clone().requires_grad_(True)
+        (rce_fast.rce_loss(zs, y, reduction="none") * w).sum().backward()
+    assert torch.equal(zs.grad, zz.grad)
+    z64 = z.double().cpu().requires_grad_(True)
+    (rce_loss_reference(z64, y.cpu(), reduction="none") * w.double().cpu()).sum().backward()
+    torch.testing.assert_close(zs.grad.double().cpu(), z64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_backward_refuses_a_class_count_past_int32_indexing(monkeypatch):
+    """Past MAX_CLASSES (about 1.88e9) the strided backward's int32 column index could wrap
+    around: the launcher refuses with a message naming the class count, never a hang."""
+    from rce_fast.kernels import rce_loss as k
+    monkeypatch.setattr(k, "MAX_CLASSES", 100)
+    z = torch.randn(2, 101)
+    with pytest.raises(ValueError, match="101 classes"):
+        k.rce_backward(torch.ones(2), z, torch.tensor([0, 1]), torch.zeros(2), -100, 1.0)

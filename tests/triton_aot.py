@@ -6,6 +6,12 @@ compiles all of them for sm_80 and sm_90 with ``triton.compile(ASTSource,
 target=GPUTarget(...))`` down to a cubin, so a kernel that would not compile on a GPU
 fails CI instead of a user.
 
+Each spec is compiled in two specialisations, as the JIT would build them: "plain" (no
+argument known to be aligned) and "aligned" (every pointer 16-byte aligned and every
+integer argument a multiple of 16: the JIT's ``tt.divisibility`` for aligned tensors
+and sizes or strides such as D = 32). ptxas allocates registers differently for the
+two, so one can spill where the other does not.
+
 It also reads ptxas's resource report (``-v``) for every compile and reports registers
 and spills: a configuration that spills registers to local memory is a failure, since
 spills are what makes a kernel that compiles run several times slower. The report is
@@ -58,6 +64,15 @@ def _ptxas_report(compiled, log: str, cc: int) -> dict:
     return parse_ptxas_log(proc.stderr)
 
 
+def _aligned_attrs(kernel, signature: dict) -> dict:
+    """The JIT's attributes for every pointer and integer argument divisible by 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if signature[name].startswith("*") or signature[name] in ("i32", "i64")}
+
+
+SPECIALISATIONS = ("plain", "aligned")
+
+
 def _compile_in_this_process(module_name: str, archs=ARCHS) -> dict:
     import triton
     from triton import knobs
@@ -72,14 +87,16 @@ def _compile_in_this_process(module_name: str, archs=ARCHS) -> dict:
         options = {"num_warps": spec["num_warps"]}
         if spec.get("num_stages") is not None:
             options["num_stages"] = spec["num_stages"]
-        for cc in archs:
-            label = (f"{kernel.__name__} sm_{cc} warps={spec['num_warps']} "
+        for cc, special in ((cc, s) for cc in archs for s in SPECIALISATIONS):
+            label = (f"{kernel.__name__} sm_{cc} {special} warps={spec['num_warps']} "
                      f"stages={spec.get('num_stages')} {spec['constexprs']} "
                      f"{[v for v in spec['signature'].values() if v.startswith('*')][:1]}")
             try:
                 # signature in the kernel's argument order, whatever order the spec used
                 sig = {name: spec["signature"][name] for name in kernel.arg_names}
-                src = ASTSource(fn=kernel, signature=sig, constexprs=spec["constexprs"])
+                attrs = _aligned_attrs(kernel, sig) if special == "aligned" else None
+                src = ASTSource(fn=kernel, signature=sig, constexprs=spec["constexprs"],
+                                attrs=attrs)
                 buf = io.StringIO()
                 with contextlib.redirect_stdout(buf):
                     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
