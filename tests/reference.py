@@ -141,7 +141,8 @@ def cw_l2_reference(model, x, target, c, steps, kappa=0.0, lr=1e-2, clip=(-0.5, 
         loss.backward()
         opt.step()
         with torch.no_grad():
-            better = (margin <= 0) & (l2 < best_l2)
+            # reached: margin (+ kappa) <= 0, and a tie at kappa = 0 is no success
+            better = (margin <= 0) & (margin < kappa) & (l2 < best_l2)
             best_l2 = torch.where(better, l2, best_l2)
             best[better] = xp[better]
     return best, best_l2

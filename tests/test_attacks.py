@@ -350,3 +350,34 @@ def test_finite_check_sees_every_nan_and_inf(dtype):
             assert not all_finite(y), (bad, pos)
             with pytest.raises(ValueError, match="NaN or inf"):
                 fgsm(torch.nn.Flatten(), y, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_cw_runs_on_models_of_another_dtype(batch, rce_detector, dtype):
+    """C&W searches in float32 but feeds the model its iterates in x's dtype, so a float64
+    or bf16 model (with x of its dtype) is attacked, as by every other attack. float64:
+    the same successes as the float32 model; every success is one for the model that was
+    attacked (in its own dtype)."""
+    import copy
+    model32, det32 = rce_detector
+    model = copy.deepcopy(model32).to(dtype)
+    x = batch[0][:12]
+    target = (model32(x).argmax(1) + 3) % 10
+    kw = dict(binary_search_steps=3, max_iterations=60, c_init=1.0)
+    adv, info = cw_l2(model, x.to(dtype), target, return_info=True, **kw)
+    assert adv.dtype == dtype and bool(info.success.any())
+    with torch.no_grad():
+        hit = model(adv).argmax(1) == target
+    assert bool(hit[info.success].all())
+    if dtype == torch.float64:
+        _, info32 = cw_l2(model32, x, target, return_info=True, **kw)
+        assert int((info.success != info32.success).sum()) <= 1
+    with torch.no_grad():
+        feats = model.features(digits_tensors()[0][:1500].to(dtype))
+    det = rce_fast.KDensityDetector(objective="rce", per_class=100, seed=0,
+                                    sigma2=det32.sigma2).fit(feats, digits_tensors()[1][:1500])
+    det.class_medians(feats, digits_tensors()[1][:1500], kernel_points=50)
+    stages = dict(stage1=dict(max_iterations=30, c_init=10.0, binary_search_steps=1),
+                  stage2=dict(max_iterations=30, c_init=100.0, binary_search_steps=1))
+    adv, info = cw_wb(model, x.to(dtype), target, det, return_info=True, **stages)
+    assert adv.dtype == dtype and info.f2.isfinite().all()

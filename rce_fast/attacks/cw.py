@@ -36,6 +36,13 @@ def _margin(z: Tensor, cls: Tensor, targeted: bool) -> tuple[Tensor, Tensor]:
     return (other - real if targeted else real - other), rival
 
 
+def _reached(m: Tensor, kappa: float) -> Tensor:
+    """Where ``m`` (margin + kappa) says the attack's goal is reached: the margin is at
+    most -kappa AND below 0, so a tie (margin 0, common with bf16 logits) is not a
+    success at kappa = 0; the arg max is then the target (away from the label)."""
+    return (m <= 0) & (m < kappa)
+
+
 def _hinge_and_grad(z: Tensor, cls: Tensor, targeted: bool, kappa: float, c: Tensor):
     """(margin + kappa, d sum(c * max(margin + kappa, 0)) / dz), by hand: the gradient is
     +-c at the rival class and -+c at ``cls`` where the hinge is active (>= 0, as
@@ -138,6 +145,9 @@ class _CWSearch:
         self.abort_early, self.extra, self.warm_start = abort_early, extra, warm_start
         self.view = (-1,) + (1,) * (x.dim() - 1)
         self.x32 = x.detach().float()
+        # The search runs in float32; the model sees each iterate in x's dtype (a float64
+        # or bf16 model takes inputs of its own dtype), differentiated through the cast.
+        self.in_dtype = x.dtype
         self.mid, self.half = (hi + lo) / 2.0, (hi - lo) / 2.0
         start = self.x32 if init is None else init.detach().float()
         self.w0 = torch.atanh(((start - self.mid) / self.half).clamp(-1 + 1e-6, 1 - 1e-6))
@@ -266,20 +276,21 @@ class _CWSearch:
                 # The model's part of the loss goes through autograd; the distance term and
                 # the tanh box are differentiated by hand below (fewer passes over the batch).
                 xp.requires_grad_(True)
+                xin = xp if self.in_dtype == torch.float32 else xp.to(self.in_dtype)
                 # Only the input's gradient is taken: parameter gradients are skipped even
                 # when the parameters require grad.
                 if self.extra is None:
-                    z = decision_logits(model, xp)
+                    z = decision_logits(model, xin)
                     with torch.no_grad():
                         m, gz = _hinge_and_grad(z, cls, targeted, kappa, c)
                     model_term = c * m.clamp(min=0)
-                    ok = m <= 0
+                    ok = _reached(m, kappa)
                     (g,) = torch.autograd.grad(z, [xp], gz)
                 else:
-                    z, feats = logits_and_features(model, xp)
+                    z, feats = logits_and_features(model, xin)
                     m = _margin(z.float(), cls, targeted)[0] + kappa
                     model_term = c * m.clamp(min=0)
-                    ok = m <= 0
+                    ok = _reached(m, kappa)
                     penalty, ok2, score = self.extra(feats)
                     model_term = model_term + c * penalty
                     with torch.no_grad():
@@ -545,7 +556,7 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
     with torch.no_grad():
         z, feats = logits_and_features(model, adv)
         f2 = f2_of(feats)
-        on_target = (_margin(z.float(), cls, True)[0] + kappa) <= 0
+        on_target = _reached(_margin(z.float(), cls, True)[0] + kappa, kappa)
     over_all, on_target_ratio = f2_positive_ratios(f2, on_target)
     return adv, AttackInfo(success=success & on_target & (f2 <= 0), target=cls, extra={
         "f2": f2, "f2_positive_ratio": over_all,
