@@ -28,11 +28,37 @@ def move_to(t: Tensor, device: torch.device, name: str) -> Tensor:
     return t.to(device)
 
 
+#: Seeds are ints in [0, SEED_LIMIT): what every generator used here takes (torch's up
+#: to 2**64, NumPy's and scikit-learn's only >= 0), with room for the seed + 1 some use.
+SEED_LIMIT = 2 ** 63 - 1
+
+
 def check_seed(seed, name: str = "seed") -> int:
-    """An int seed (None is not accepted here; callers that allow it check first)."""
+    """An int seed in [0, 2**63 - 1) (None is not accepted here; callers that allow it
+    check first)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**63 - 1), got {seed}")
     return int(seed)
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """An int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_clip(clip) -> tuple[float, float]:
+    """A (min, max) pair of finite numbers with min < max."""
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip must be a (min, max) pair of numbers, got {clip!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip must be finite with min < max, got {clip!r}")
+    return lo, hi
 
 
 def check_real(value, name: str, allow_inf: bool = True) -> float:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._args import check_seed
+
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -110,6 +112,9 @@ def load_digits_split(test_fraction: float = 0.3, seed: int = 0):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if check_seed(seed) >= 2 ** 32:
+        raise ValueError(f"seed must be below 2**32 for the digits split (scikit-learn's "
+                         f"random_state), got {seed}")
     d = load_digits()
     x = d.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0 - 0.5
     idx_tr, idx_te = train_test_split(np.arange(len(x)), test_size=test_fraction,
@@ -130,8 +135,7 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
                         f"{type(test_fraction).__name__}")
     if not (0.0 < test_fraction < 1.0):  # NaN fails too
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed(seed)
     if scale not in ("auto", "uint8", "unit", "centered"):
         raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
     path = Path(path)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import attacks as A
 from .attacks.cw import f2_positive_ratios
+from ._args import check_seed
 from .data import load_dataset
 from . import _defense_table as DT
 from .detect import KDensityDetector, confidence, non_me, paper_auc
@@ -287,6 +288,7 @@ def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = 
     if budget.sync is None and device.type == "cuda":
         budget.sync = lambda: torch.cuda.synchronize(device)
     out = check_output_folder(cfg.out, "output folder")
+    check_seed(cfg.seed)
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     # the adaptive attacks need a finite threshold: checked up front
     if _check_fpr(cfg.defense_fpr, "defense_fpr") == 1.0:

@@ -55,8 +55,19 @@ def _check_args(logits, target, reduction, ignore_index, temperature) -> None:
                          f"{0 if logits.dim() == 1 else 1}), got {num_classes}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_ignore_index(ignore_index)
+    _check_temperature(temperature)
+
+
+def _check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got "
+                         f"{ignore_index}")
+
+
+def _check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float, got "
                         f"{type(temperature).__name__}")
@@ -110,11 +121,8 @@ class RCELoss(nn.Module):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-                and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        _check_temperature(temperature)
+        _check_ignore_index(ignore_index)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.temperature = float(temperature)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import _torch_impl
-from ._args import check_device, check_has_data
+from ._args import check_device, check_has_data, check_seed
 from .data import augment_cifar
 from .loss import rce_loss
 from .models import Classifier, build_model
@@ -61,8 +61,8 @@ class TrainConfig:
             raise ValueError(f"objective must be 'ce' or 'rce', got {self.objective!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
-        for name, minimum in (("steps", 0), ("batch_size", 1), ("checkpoint_every", 1),
-                              ("seed", None)):
+        check_seed(self.seed)
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("checkpoint_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -259,6 +259,9 @@ def _check_train_args(config, x_train, y_train, num_classes) -> None:
     lo, hi = (int(v) for v in torch.aminmax(y_train))
     if lo < 0:
         raise ValueError(f"y_train holds a negative class index ({lo})")
+    if num_classes is None and hi < 1:
+        raise ValueError(f"y_train holds one class only ({hi}): training needs at least 2 "
+                         "(pass num_classes to train on labels that lack some classes)")
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
             raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
@@ -338,8 +341,10 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = config.amp and device.type == "cuda"
-    # The data go to the device once, so that a step copies nothing from the host.
-    x_dev, y_dev = x_train.to(device), y_train.to(device)
+    # The data go to the device once, so that a step copies nothing from the host; as
+    # float32 (the model's dtype; amp casts on the fly) and out of any autograd graph
+    # (the caller's x_train.grad is never written).
+    x_dev, y_dev = x_train.detach().to(device, torch.float32), y_train.to(device)
     model.train()
     # The bar appears once the first chunk is granted: a budget too small to start gives
     # its one-line error with no bar drawn above it.
@@ -539,8 +544,28 @@ def check_training_data(path, x_train: torch.Tensor, y_train: torch.Tensor,
 @torch.no_grad()
 def evaluate_error(model: Classifier, x: torch.Tensor, y: torch.Tensor,
                    batch_size: int = 1000) -> float:
-    """Test error in percent."""
+    """Test error in percent: the share of ``x`` whose arg max of ``model`` (decision
+    logits) is not ``y``, in eval mode (each module's mode is restored afterwards)."""
+    from .attacks._common import check_images, check_int, model_in_eval_mode
+    check_images(x, "x")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y must be an integer tensor of class indices, got {y.dtype}")
+    if tuple(y.shape) != (len(x),):
+        raise ValueError(f"y must have shape ({len(x)},) like x, got {tuple(y.shape)}")
+    check_has_data(y, "y")
+    batch_size = check_int(batch_size, "batch_size", 1)
     device = next(model.parameters()).device
-    wrong = sum(int((model(xb.to(device)).argmax(1).cpu() != yb).sum())
-                for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return 100.0 * wrong / max(1, len(x))
+    wrong, classes = 0, None
+    with model_in_eval_mode(model):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            logits = model(xb.to(device))
+            if classes is None:
+                classes = logits.shape[1]
+                lo, hi = (int(v) for v in torch.aminmax(y))
+                if lo < 0 or hi >= classes:
+                    raise ValueError(f"y holds classes outside [0, {classes}) (the model's "
+                                     f"classes): {lo if lo < 0 else hi}")
+            wrong += int((logits.argmax(1).cpu() != yb.cpu()).sum())
+    return 100.0 * wrong / len(x)

@@ -1,6 +1,7 @@
-"""Every attack leaves the user's model exactly as it found it: parameters, buffers (batch
-norm running statistics) and each module's train/eval flag, even when the model arrives
-in train mode; and it attacks the model as evaluated (eval mode) either way."""
+"""Every attack (and every detector, fitting or scoring, and the test error) leaves the
+user's model exactly as it found it: parameters, buffers (batch norm running statistics)
+and each module's train/eval flag, even when the model arrives in train mode; and it
+reads the model as evaluated (eval mode) either way."""
 import copy
 
 import pytest
@@ -75,3 +76,62 @@ def test_attack_leaves_the_model_as_it_found_it(name, mode):
     ref = ATTACKS[name](ref_model, x, det)
     ref = ref[0] if isinstance(ref, tuple) else ref
     torch.testing.assert_close(adv, ref)
+
+
+def _layer_detectors(model):
+    from rce_fast.detect import LIDDetector, MahalanobisDetector
+    x, y = digits_tensors()
+    noisy = (x[:40] + 0.05 * torch.randn(x[:40].shape, generator=torch.Generator()
+                                         .manual_seed(0))).clamp(-0.5, 0.5)
+    adv = (x[:40] + 0.2 * torch.sign(torch.randn(x[:40].shape, generator=torch.Generator()
+                                                 .manual_seed(1)))).clamp(-0.5, 0.5)
+    lid = LIDDetector(k=5, batch_size=20).fit(model, x[:40], adv, noisy)
+    maha = MahalanobisDetector().fit(model, x[:200], y[:200], adv[:20], noisy[:20],
+                                     clean=x[:20])
+    return lid, maha
+
+
+def _scorers():
+    from rce_fast.detect import evaluate_detectors, score_dataset
+    from rce_fast.train import evaluate_error
+    xs, ys = digits_tensors()
+    held, clean, yc = xs[300:340], xs[340:360], ys[340:360]
+    return {
+        "score_dataset_kdensity": lambda m, d: score_dataset(m, d["kd"], clean),
+        "score_dataset_confidence": lambda m, d: score_dataset(m, "confidence", clean),
+        "evaluate_detectors": lambda m, d: evaluate_detectors(
+            m, {"kd": d["kd"], "non-ME": "non-ME"}, held, clean, yc, clean + 0.01),
+        "lid_fit": lambda m, d: torch.cat([r.flatten()
+                                            for r in _layer_detectors(m)[0].references]),
+        "mahalanobis_fit": lambda m, d: _layer_detectors(m)[1].gaussians[0].means,
+        "lid_score": lambda m, d: d["lid"].score(m, clean),
+        "lid_fit_threshold": lambda m, d: d["lid"].fit_threshold(m, held),
+        "mahalanobis_score": lambda m, d: d["maha"].score(m, clean, batch_size=7),
+        "guarded_kdensity": lambda m, d: GuardedClassifier(m, d["kd"])(clean),
+        "guarded_lid": lambda m, d: GuardedClassifier(m, d["lid"], 0.0)(clean),
+        "evaluate_error": lambda m, d: evaluate_error(m, clean, yc, batch_size=6),
+    }
+
+
+SCORERS = _scorers()
+
+
+@pytest.mark.parametrize("mode", ["train", "mixed"])
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_scoring_runs_the_model_in_eval_mode_and_leaves_it_alone(name, mode):
+    """Detectors, their fitting and the test error read a model that arrives in train
+    mode as evaluated (running statistics), and leave its flags and buffers alone."""
+    model = _bn_model()
+    lid, maha = _layer_detectors(model.eval())
+    dets = {"kd": _detector(model), "lid": lid, "maha": maha}
+    model.train(mode == "train")
+    if mode == "mixed":
+        model.net.blocks[0].train(True)
+    flags = {n: m.training for n, m in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    got = SCORERS[name](model, dets)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "parameters or buffers changed"
+    ref = SCORERS[name](copy.deepcopy(model).eval(), dets)
+    torch.testing.assert_close(got, ref)

@@ -512,6 +512,72 @@ def _cases():
     add("TrainConfig-weight-decay", lambda: tc(weight_decay=-1.0), ValueError, "weight_decay")
     add("TrainConfig-checkpoint-every", lambda: tc(checkpoint_every=0), ValueError, "checkpoint_every")
     add("TrainConfig-steps-str", lambda: tc(steps="10"), TypeError, "steps")
+    add("TrainConfig-seed-negative", lambda: tc(seed=-1), ValueError, "seed")
+    add("TrainConfig-seed-huge", lambda: tc(seed=2 ** 64), ValueError, "seed")
+    add("train-y-one-class", lambda: tr(y_train=torch.zeros(16, dtype=torch.long)), ValueError, "y_train")
+
+    # ------------------------------------------------- from the 12-06 (third) API audit
+    from rce_fast.data import load_digits_split
+    from rce_fast.detect import evaluate_detectors, noisy_like, score_dataset
+    from rce_fast.train import evaluate_error
+    def named(fn, defaults):
+        """fn(**defaults(), **overrides): the defaults are built when the case runs."""
+        return lambda **kw: fn(**{**defaults(), **kw})
+    ee = named(evaluate_error, lambda: dict(model=s().model, x=s().x_all[:20], y=s().y_all[:20]))
+    add("evaluate_error-y-2d", lambda: ee(y=s().y_all[:20, None]), ValueError, "y")
+    add("evaluate_error-y-short", lambda: ee(y=s().y_all[:5]), ValueError, "y")
+    add("evaluate_error-y-list", lambda: ee(y=s().y_all[:20].tolist()), TypeError, "y")
+    add("evaluate_error-y-float", lambda: ee(y=s().y_all[:20].float()), TypeError, "y")
+    add("evaluate_error-y-too-big", lambda: ee(y=_with(s().y_all[:20], i3=10)), ValueError, "y")
+    add("evaluate_error-x-nan", lambda: ee(x=_nan(s().x_all[:20])), ValueError, "x")
+    add("evaluate_error-x-empty", lambda: ee(x=s().x_all[:0], y=s().y_all[:0]), ValueError, "x")
+    add("evaluate_error-batch-size-0", lambda: ee(batch_size=0), ValueError, "batch_size")
+    ev = named(evaluate_detectors, lambda: dict(
+        classifier=s().model, detectors={"c": "confidence"}, x_heldout=s().x_all[:20],
+        x_clean=s().x_all[20:30], y_clean=s().y_all[20:30], x_adv=s().x_all[30:40]))
+    add("evaluate_detectors-detectors-list", lambda: ev(detectors=["confidence"]), TypeError, "detectors")
+    add("evaluate_detectors-detectors-empty", lambda: ev(detectors={}), ValueError, "detectors")
+    add("evaluate_detectors-heldout-numpy", lambda: ev(x_heldout=s().x_all[:20].numpy()), TypeError, "x_heldout")
+    add("evaluate_detectors-heldout-empty", lambda: ev(x_heldout=s().x_all[:0]), ValueError, "x_heldout")
+    add("evaluate_detectors-heldout-nan", lambda: ev(x_heldout=_nan(s().x_all[:20])), ValueError, "x_heldout")
+    add("evaluate_detectors-heldout-shape", lambda: ev(x_heldout=s().x_all[:20].reshape(20, 64)), ValueError, "x_heldout")
+    add("evaluate_detectors-clean-nan", lambda: ev(x_clean=_nan(s().x_all[20:30])), ValueError, "x_clean")
+    add("evaluate_detectors-adv-nan", lambda: ev(x_adv={"fgsm": _nan(s().x_all[30:40])}), ValueError, "x_adv")
+    add("evaluate_detectors-adv-empty-dict", lambda: ev(x_adv={}), ValueError, "x_adv")
+    add("evaluate_detectors-y-too-big", lambda: ev(y_clean=s().y_all[20:30] + 100), ValueError, "y_clean")
+    add("evaluate_detectors-y-2d", lambda: ev(y_clean=s().y_all[20:30, None]), ValueError, "y_clean")
+    add("evaluate_detectors-y-float", lambda: ev(y_clean=s().y_all[20:30].float()), TypeError, "y_clean")
+    add("evaluate_detectors-y-adv-short", lambda: ev(y_adv=s().y_all[:3]), ValueError, "y_adv")
+    add("evaluate_detectors-y-adv-negative", lambda: ev(y_adv=_with(s().y_all[30:40], i0=-1)), ValueError, "y_adv")
+    add("evaluate_detectors-batch-size-bool", lambda: ev(batch_size=True), ValueError, "batch_size")
+    add("evaluate_detectors-batch-size-float", lambda: ev(batch_size=2.5), ValueError, "batch_size")
+    add("evaluate_detectors-fpr", lambda: ev(fpr=1.5), ValueError, "fpr")
+    add("evaluate_detectors-curve-fprs", lambda: ev(curve_fprs=[2.0]), ValueError, "curve_fprs")
+    add("evaluate_detectors-adversarial", lambda: ev(adversarial="some"), ValueError, "adversarial")
+    add("score_dataset-batch-size-bool", lambda: score_dataset(m(), "confidence", x(), batch_size=True), ValueError, "batch_size")
+    add("score_dataset-x-list", lambda: score_dataset(m(), "confidence", x().tolist()), TypeError, "x")
+    nl = named(noisy_like, lambda: dict(x=x(), x_adv=x() + 0.01))
+    add("noisy_like-clip-reversed", lambda: nl(clip=(0.5, -0.5)), ValueError, "clip")
+    add("noisy_like-clip-none", lambda: nl(clip=None), TypeError, "clip")
+    add("noisy_like-seed-float", lambda: nl(seed=1.7), TypeError, "seed")
+    add("noisy_like-seed-huge", lambda: nl(seed=2 ** 64), ValueError, "seed")
+    add("KDensityDetector-seed-huge", lambda: KDensityDetector(seed=2 ** 70), ValueError, "seed")
+    add("KDensityDetector-seed-negative", lambda: KDensityDetector(seed=-1), ValueError, "seed")
+    add("rand_noise-seed-huge", lambda: A.rand_noise(x(), 0.1, seed=2 ** 64), ValueError, "seed")
+    add("cw_l2-seed-huge", lambda: A.cw_l2(m(), x(), "random", seed=2 ** 64, max_iterations=1, binary_search_steps=1), ValueError, "seed")
+    add("pgd-seed-huge", lambda: A.pgd(m(), x(), 0.1, steps=1, seed=2 ** 64), ValueError, "seed")
+    add("load_digits_split-seed-huge", lambda: load_digits_split(seed=2 ** 40), ValueError, "seed")
+    add("rce_loss-ignore-index-huge", lambda: L(s().z, s().t, ignore_index=2 ** 70), ValueError, "ignore_index")
+    add("RCELoss-ignore-index-huge", lambda: rce_fast.RCELoss(ignore_index=-2 ** 70), ValueError, "ignore_index")
+    add("RCELoss-temperature-str", lambda: rce_fast.RCELoss(temperature="2"), TypeError, "temperature")
+    add("fgsm-eps-set", lambda: A.fgsm(m(), x(), {0.1, 0.2}), TypeError, "eps")
+    one = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))  # noqa: E731
+    add("cw_l2-random-one-class", lambda: A.cw_l2(one(), x(), "random", max_iterations=1, binary_search_steps=1), ValueError, "target")
+    add("pgd-random-one-class", lambda: A.pgd(one(), x(), 0.1, steps=1, target="random"), ValueError, "target")
+    add("threshold_for_fpr-inf", lambda: threshold_for_fpr(torch.tensor([1.0, INF]), 0.5), ValueError, "clean_scores")
+    add("LID-init-C-str", lambda: LIDDetector(C="1"), TypeError, "C")
+    add("jsma_pairs-increase-str", lambda: A.jsma_pairs(torch.rand(2, 5), torch.rand(2, 5), torch.ones(2, 5, dtype=torch.bool), "False"), TypeError, "increase")
+    add("Guarded-threshold-minus-inf", lambda: GuardedClassifier(m(), s().kd, -INF), ValueError, "threshold")
     return C
 
 
@@ -742,20 +808,26 @@ def _snapshot(*objs):
     out = []
     for o in objs:
         if isinstance(o, torch.Tensor):
-            out.append(("t", o, o.detach().clone()))
+            out.append(("t", o, o.detach().clone(),
+                        None if o.grad is None else o.grad.clone()))
         elif isinstance(o, torch.nn.Module):
             out.append(("m", o, {k: v.detach().clone() for k, v in o.state_dict().items()},
                         [mod.training for mod in o.modules()]))
     return out
 
 
-def _unchanged(snap):
+def _unchanged(snap, grads: bool = True):
     for item in snap:
         if item[0] == "t":
             assert torch.equal(item[1], item[2]) or (
                 item[1].dtype.is_floating_point and
                 torch.equal(item[1].isnan(), item[2].isnan()) and
                 torch.equal(item[1].nan_to_num(), item[2].nan_to_num())), "a tensor was modified"
+            grad = item[1].grad
+            if not grads:
+                continue
+            assert (grad is None) == (item[3] is None), "a tensor's .grad was written"
+            assert grad is None or torch.equal(grad, item[3]), "a tensor's .grad was changed"
         else:
             state = item[1].state_dict()
             for k, v in item[2].items():
@@ -819,8 +891,29 @@ def _untouched_calls():
             GuardedClassifier(mdl, _kd_for(mdl)), xx, 0.1, steps=2, labels=y)),
         "train": lambda: (lambda xx, y: ([xx, y], lambda: train(TrainConfig(
             model="resnet8", steps=1, batch_size=4, lr_boundaries=[], lr_values=[0.1],
-            progress=False), xx, y, "cpu")))(s().x_all[:16].clone(), s().y_all[:16].clone()),
+            progress=False), xx, y, "cpu")))(s().x_all[:16].clone().requires_grad_(True),
+                                              s().y_all[:16].clone()),
+        "train-float64": lambda: (lambda xx, y: ([xx, y], lambda: train(TrainConfig(
+            model="resnet8", steps=1, batch_size=4, lr_boundaries=[], lr_values=[0.1],
+            progress=False), xx, y, "cpu")))(s().x_all[:16].double(), s().y_all[:16].clone()),
+        "evaluate_detectors": lambda: (lambda mdl, xx, y: ([mdl, xx, y], lambda: (
+            rce_fast.detect.evaluate_detectors(mdl, {"kd": _kd_for(mdl), "c": "confidence"},
+                                               xx, xx, y, {"a": xx + 0.01}))))(
+            _train_mode_model(), s().x.clone(), s().y.clone()),
+        "KD-fit-features-with-grad": lambda: (lambda f, lab: ([f, lab], lambda: (
+            _kd_holds_values(f, lab))))(s().feats.clone().requires_grad_(True),
+                                        s().labels.clone()),
     }
+
+
+def _kd_holds_values(features, labels):
+    """A detector fitted on features with a graph behind them (a model's output, here
+    features * 1) holds values, not the graph."""
+    det = KDensityDetector(sigma2=1.0, per_class=4).fit(features * 1.0, labels)
+    medians = det.class_medians(features * 1.0, labels, 3)
+    assert det.bank.grad_fn is None and not det.bank.requires_grad
+    assert medians.grad_fn is None and not medians.requires_grad
+    assert not det.score(features[:3].detach(), labels[:3]).requires_grad
 
 
 @functools.lru_cache(maxsize=None)
@@ -853,12 +946,16 @@ def _attack(run):
     return [mdl, xx, y], lambda: run(mdl, xx, y)
 
 
+# cases whose call runs backward() itself: their inputs' .grad is written by design
+_BACKWARD = {"rce_loss", "kdensity"}
+
+
 @pytest.mark.parametrize("name", list(_untouched_calls()))
 def test_inputs_are_not_modified(name):
     objs, call = _untouched_calls()[name]()
     snap = _snapshot(*objs)
     call()
-    _unchanged(snap)
+    _unchanged(snap, grads=name not in _BACKWARD)
 
 
 def test_case_count():

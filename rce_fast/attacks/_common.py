@@ -10,7 +10,6 @@ model, its parameters and its buffers are left exactly as they were.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -19,7 +18,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from .._args import check_has_data, check_seed, move_to
+from .._args import (check_clip, check_has_data, check_int, check_seed,  # noqa: F401
+                     move_to)  # (check_clip, check_int: re-exported for the attacks)
+from .._modes import model_in_eval_mode
 from .._torch_impl import all_finite
 
 
@@ -56,16 +57,6 @@ def check_images(x, name: str = "x") -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
-def check_clip(clip) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in clip)
-    except (TypeError, ValueError):
-        raise TypeError(f"clip must be a (min, max) pair of numbers, got {clip!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"clip must be finite with min < max, got {clip!r}")
-    return lo, hi
-
-
 def check_positive(value, name: str, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -91,12 +82,6 @@ def check_start(init, x: Tensor, name: str = "init") -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
-def check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def generator_for(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(0 if seed is None else check_seed(seed))
@@ -114,6 +99,9 @@ def resolve_target(target, logits: Tensor, seed: int | None = 0, name: str = "ta
         if target == "least_likely":
             return logits.argmin(1)
         if target == "random":
+            if num_classes < 2:
+                raise ValueError(f"{name}='random' needs a model with at least 2 classes "
+                                 f"(a class other than the prediction), got {num_classes}")
             g = generator_for(seed, "cpu")
             pred = logits.argmax(1).cpu()
             offset = torch.randint(1, num_classes, (batch,), generator=g)
@@ -155,26 +143,6 @@ def decision_logits(model, x: Tensor, first: bool = False) -> Tensor:
         raise ValueError("model must return decision logits of shape (B, L); got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
     return out
-
-
-@contextlib.contextmanager
-def model_in_eval_mode(model):
-    """Every module of ``model`` in eval mode inside the block, each module's own
-    train/eval flag restored afterwards (also on error). A model that is not an
-    ``nn.Module`` (any callable) is left alone."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        # the flags themselves, not model.eval(): a wrapper may override train() to leave
-        # what it wraps alone (GuardedClassifier does, for attack libraries' sake)
-        for module, _ in flags:
-            module.training = False
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def preserves_model_state(attack):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,12 +22,13 @@ from ._common import (AttackInfo, check_clip, check_images, check_int, check_pos
 
 def _eps_list(eps) -> tuple[list[float], bool]:
     """(values, is_sweep); every value finite and >= 0."""
-    if isinstance(eps, Tensor):
-        eps = eps.tolist()
+    if isinstance(eps, (Tensor, np.ndarray)):
+        eps = eps.tolist()  # a 0-d array gives its number, a 1-d one a list
     sweep = not isinstance(eps, numbers.Real)
-    if sweep and (isinstance(eps, (str, bytes)) or not hasattr(eps, "__iter__")):
-        raise TypeError(f"eps must be a number >= 0 or a sequence of them, got "
-                        f"{type(eps).__name__}")
+    if sweep and (isinstance(eps, (str, bytes, set, frozenset, dict)) or
+                  not hasattr(eps, "__iter__")):
+        raise TypeError(f"eps must be a number >= 0 or a sequence of them (ordered: the "
+                        f"sweep's order is the output's), got {type(eps).__name__}")
     values = list(eps) if sweep else [eps]
     if sweep and len(values) == 0:
         raise ValueError("eps sweep is empty")

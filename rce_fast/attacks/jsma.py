@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -142,4 +143,6 @@ def jsma_pairs(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool = Tru
         raise TypeError(f"domain must be a bool tensor, got {domain.dtype}")
     if not (alpha.device == beta.device == domain.device):
         raise ValueError("alpha, beta and domain must be on one device")
+    if not isinstance(increase, (bool, np.bool_)):
+        raise TypeError(f"increase must be a bool, got {type(increase).__name__}")
     return torch.ops.rce_fast.jsma_pairs(alpha, beta, domain, bool(increase))

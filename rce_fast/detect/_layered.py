@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._args import check_device, check_has_data, check_real
+from .._args import check_device, check_has_data, check_int, check_real  # noqa: F401
 from .._io import atomic_torch_save, check_writable, safe_torch_load
 from .._torch_impl import all_finite
 from .rates import threshold_at_fpr
@@ -60,12 +60,6 @@ def resolve_layers(model, layers, default: tuple[str, ...]) -> tuple[str, ...]:
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"layers has duplicates: {list(chosen)}")
     return chosen
-
-
-def check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_float(value, name: str, minimum: float = 0.0, allow_equal: bool = True) -> float:

@@ -7,6 +7,7 @@ coefficients and the intercept as tensors, so scoring runs on the device, and
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -19,7 +20,10 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 def _check_C(C) -> float | None:
     if C is None:
         return None
-    if isinstance(C, bool) or not isinstance(C, (int, float)) or not (0 < C < math.inf):
+    if isinstance(C, bool) or not isinstance(C, numbers.Real):
+        raise TypeError(f"C must be a finite number > 0 or None (cross-validated), got "
+                        f"{type(C).__name__}")
+    if not (0 < C < math.inf):
         raise ValueError(f"C must be a finite number > 0 or None (cross-validated), got {C!r}")
     return float(C)
 

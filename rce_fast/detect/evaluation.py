@@ -8,9 +8,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .rates import (_check_fpr, detection_metrics, robust_accuracy_curve,
+from .rates import (_check_fpr, _check_fprs, detection_metrics, robust_accuracy_curve,
                     threshold_at_fpr)
-from .scoring import check_detector, score_dataset
+from .._args import check_has_data, check_int
+from .._modes import model_in_eval_mode
+from ._layered import check_inputs, check_same_shape
+from .scoring import _model_device, check_detector, score_dataset
 
 
 def defense_metrics(heldout_scores, clean_scores, clean_labels, clean_predictions,
@@ -63,6 +66,26 @@ def defense_metrics(heldout_scores, clean_scores, clean_labels, clean_prediction
     return out
 
 
+def _check_classes(y, name: str, n: int | None, classes: int) -> Tensor:
+    """``y`` as an int64 CPU tensor of classes in [0, classes), of length ``n`` (if
+    given)."""
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a tensor of class indices, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got {y.dtype}")
+    if y.dim() != 1 or (n is not None and len(y) != n):
+        expected = "(N,)" if n is None else f"({n},) like x_clean"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(y.shape)}")
+    check_has_data(y, name)
+    y = y.detach().cpu().long()
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"{name} holds classes outside [0, {classes}) (the classifier's "
+                         "classes)")
+    return y
+
+
 def _np(values) -> np.ndarray:
     if isinstance(values, Tensor):
         return values.detach().cpu().numpy()
@@ -91,10 +114,38 @@ def evaluate_detectors(classifier, detectors: Mapping, x_heldout: Tensor, x_clea
     robust accuracy) arrays}} (with one tensor, the attack is called "attack").
     Inputs are scored once each, in batches moved to the classifier's device.
     """
-    attacks = dict(x_adv) if isinstance(x_adv, Mapping) else {"attack": x_adv}
+    if not isinstance(detectors, Mapping):
+        raise TypeError("detectors must be a mapping {name: detector}, got "
+                        f"{type(detectors).__name__}")
+    if not detectors:
+        raise ValueError("detectors is empty: pass at least one {name: detector}")
     for det in detectors.values():
         check_detector(det)
-    y_adv = y_clean if y_adv is None else y_adv
+    attacks = dict(x_adv) if isinstance(x_adv, Mapping) else {"attack": x_adv}
+    if not attacks:
+        raise ValueError("x_adv is empty: pass a tensor or at least one {attack: tensor}")
+    check_inputs(x_heldout, "x_heldout")
+    check_inputs(x_clean, "x_clean")
+    for name, xa in attacks.items():
+        where = "x_adv" if not isinstance(x_adv, Mapping) else f"x_adv[{name!r}]"
+        check_inputs(xa, where)
+        for x, x_name in ((x_heldout, "x_heldout"), (xa, where)):
+            check_same_shape(x, x_clean, x_name, "x_clean")
+    batch_size = check_int(batch_size, "batch_size", 1)
+    fpr = _check_fpr(fpr)
+    if curve_fprs is not None:
+        curve_fprs = _check_fprs(curve_fprs, "curve_fprs")
+    if adversarial not in ("misclassified", "all"):
+        raise ValueError(f"adversarial must be 'misclassified' or 'all', got {adversarial!r}")
+    with torch.no_grad(), model_in_eval_mode(classifier):  # the classifier's class count
+        classes = classifier(x_clean[:1].to(_model_device(classifier))).shape[-1]
+    y_clean = _check_classes(y_clean, "y_clean", len(x_clean), classes)
+    y_adv = y_clean if y_adv is None else _check_classes(y_adv, "y_adv", None, classes)
+    for attack, xa in attacks.items():
+        if len(xa) != len(y_adv):
+            where = "x_adv" if not isinstance(x_adv, Mapping) else f"x_adv[{attack!r}]"
+            raise ValueError(f"{where} has {len(xa)} inputs but y_adv has {len(y_adv)} "
+                             "(pass y_adv when the attacked inputs are not x_clean's)")
     out = {name: {} for name in attacks}
     for det_name, det in detectors.items():
         _, held = score_dataset(classifier, det, x_heldout, batch_size, progress,
@@ -102,9 +153,6 @@ def evaluate_detectors(classifier, detectors: Mapping, x_heldout: Tensor, x_clea
         clean_pred, clean = score_dataset(classifier, det, x_clean, batch_size, progress,
                                           f"{det_name} clean")
         for attack, xa in attacks.items():
-            if len(xa) != len(y_adv):
-                raise ValueError(f"x_adv[{attack!r}] has {len(xa)} inputs but y_adv has "
-                                 f"{len(y_adv)}")
             adv_pred, adv = score_dataset(classifier, det, xa, batch_size, progress,
                                           f"{det_name} {attack}")
             res = defense_metrics(held, clean, y_clean, clean_pred, adv, y_adv, adv_pred,

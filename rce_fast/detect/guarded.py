@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._args import check_real
+from .._modes import model_in_eval_mode
 from .kd_detector import KDensityDetector
 from .kdensity import BankIndex, QueryPlan, kdensity_planned
 from .scoring import check_detector, score_inputs
@@ -60,7 +61,8 @@ class GuardedClassifier(nn.Module):
 
     The classifier and detector are never modified: ``train()`` / ``eval()`` on this
     module only set its own flag (attack libraries call them), not the classifier's mode.
-    Put the classifier in eval mode yourself.
+    The classifier runs in eval mode whatever its own mode (each module's flag is
+    restored afterwards, and BatchNorm's running statistics are never updated).
     """
 
     def __init__(self, classifier: nn.Module, detector, threshold: float | None = None,
@@ -77,9 +79,10 @@ class GuardedClassifier(nn.Module):
                                  "threshold= or call detector.fit_threshold first")
         threshold = check_real(threshold, "threshold")
         if not math.isfinite(threshold):  # +inf: a threshold at fpr = 1 ("flag everything")
-            raise ValueError(f"threshold must be finite, got {threshold} (a threshold "
-                             "fitted at fpr = 1 flags every input: the extra logit would be "
-                             "infinite and its gradient NaN)")
+            raise ValueError(f"threshold must be finite, got {threshold}" + (
+                " (a threshold fitted at fpr = 1 flags every input" if threshold > 0 else
+                " (it would flag no input") + ": the extra logit would be infinite and its "
+                "gradient NaN)")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
                 not (0 < scale < math.inf):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
@@ -102,7 +105,8 @@ class GuardedClassifier(nn.Module):
         """(classifier decision logits (B, L), detector scores (B,)), differentiable."""
         det = self.detector
         if isinstance(det, KDensityDetector):
-            logits, feats = self.classifier.logits_and_features(x)
+            with model_in_eval_mode(self.classifier):
+                logits, feats = self.classifier.logits_and_features(x)
             index = det.index
             if logits.shape[1] != index.num_classes:
                 raise ValueError(f"the classifier has {logits.shape[1]} classes but the "

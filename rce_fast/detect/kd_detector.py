@@ -3,13 +3,12 @@ features, scored in log space."""
 from __future__ import annotations
 
 import numbers
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from .._args import check_real, check_seed
+from .._args import check_int, check_real, check_seed
 from ._checks import _check_features, _check_labels, _check_sigma2
 from .kdensity import BankIndex, build_bank_index, kdensity_indexed
 
@@ -36,9 +35,7 @@ def _sample_per_class(labels: Tensor, per_class: int, generator: torch.Generator
 
 
 def _check_count(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(value, name, minimum)
 
 
 class KDensityDetector:
@@ -61,9 +58,10 @@ class KDensityDetector:
         if objective not in DEFAULT_SIGMA2:
             raise ValueError(f"objective must be 'rce' or 'ce', got {objective!r}")
         self.sigma2 = _check_sigma2(DEFAULT_SIGMA2[objective] if sigma2 is None else sigma2)
-        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or \
+                per_class < 1:
             raise ValueError(f"per_class must be a positive int, got {per_class!r}")
-        self.per_class, self.seed, self.objective = per_class, check_seed(seed), objective
+        self.per_class, self.seed, self.objective = int(per_class), check_seed(seed), objective
         self.index: BankIndex | None = None
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
@@ -102,7 +100,8 @@ class KDensityDetector:
                              f"{more} have none")
         g = torch.Generator().manual_seed(self.seed)
         idx = _sample_per_class(labels, self.per_class, g)
-        self.bank, self.bank_labels = features[idx].clone(), labels[idx].long()
+        # detached: the bank holds values, not the graph of the forward that made them
+        self.bank, self.bank_labels = features[idx].detach().clone(), labels[idx].long()
         self.index = build_bank_index(self.bank, self.bank_labels, c)
         self.medians = self.median_index = self.kernel_points = None
         return self
@@ -161,8 +160,8 @@ class KDensityDetector:
         _check_features(features, "features", self.feature_dim)
         _check_labels(labels, "labels", features.shape[0], features.device)
         self.median_index = self._median_index(kernel_points)
-        scores = kdensity_indexed(features.to(self.bank.dtype), labels, self.median_index,
-                                  self.sigma2, names=("features", "labels"))
+        scores = kdensity_indexed(features.detach().to(self.bank.dtype), labels,
+                                  self.median_index, self.sigma2, names=("features", "labels"))
         ids = self.index.compact(labels, "labels")
         medians = torch.full((len(self.index.classes),), float("nan"), dtype=scores.dtype,
                              device=scores.device)

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._args import check_seed
+from .._args import check_clip, check_seed
+from .._modes import model_in_eval_mode
 from ._layered import (LayerDetector, as_numpy, check_inputs, check_int, check_model,
                        check_same_shape, model_device, resolve_layers)
 from ._logreg import LinearHead, _check_C, fit_logistic
@@ -65,12 +66,14 @@ def noisy_like(x: Tensor, x_adv: Tensor, seed: int = 0, clip=(-0.5, 0.5)) -> Ten
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv must have x's shape {tuple(x.shape)}, got "
                          f"{tuple(x_adv.shape)}")
-    g = torch.Generator(device=x.device).manual_seed(int(seed))
-    noise = torch.randn(x.shape, generator=g, device=x.device, dtype=torch.float32)
-    want = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
+    lo, hi = check_clip(clip)
+    g = torch.Generator(device=x.device).manual_seed(check_seed(seed))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    noise = torch.randn(x.shape, generator=g, device=x.device, dtype=torch.float32).to(acc)
+    want = (x_adv.to(acc) - x.to(acc)).flatten(1).norm(dim=1)
     have = noise.flatten(1).norm(dim=1).clamp(min=1e-12)
     noise = noise * (want / have).view(-1, *[1] * (x.dim() - 1))
-    return (x.float() + noise).clamp(*clip).to(x.dtype)
+    return (x.to(acc) + noise).clamp(lo, hi).to(x.dtype)
 
 
 class LIDDetector(LayerDetector):
@@ -118,7 +121,8 @@ class LIDDetector(LayerDetector):
     def _activations(self, model, x: Tensor) -> tuple[list[Tensor], Tensor]:
         names = list(self.layers)
         ask = names if "logits" in names else names + ["logits"]
-        outs = model.features_at(x, ask)
+        with model_in_eval_mode(model):  # running statistics, never updated
+            outs = model.features_at(x, ask)
         acts = [o.flatten(1) for o in outs[:len(names)]]
         logits = outs[ask.index("logits")]
         return acts, logits
@@ -166,7 +170,7 @@ class LIDDetector(LayerDetector):
 
         Args:
             model: rce_fast.models.Classifier (or any module with ``features_at`` and
-                ``layer_names``), in eval mode.
+                ``layer_names``); it runs in eval mode, its modes restored afterwards.
             clean: (N, ...) clean training inputs (label normal).
             adversarial: (Na, ...) adversarial examples (label adversarial), as in the
                 paper crafted from clean training inputs: when ``reference`` is None and

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._args import check_has_data, check_seed
+from .._modes import model_in_eval_mode
 from ._layered import (LayerDetector, as_numpy, check_float, check_inputs, check_int,
                        check_model, check_same_shape, model_device, resolve_layers)
 from ._logreg import LinearHead, _check_C, fit_logistic
@@ -112,6 +113,10 @@ class MahalanobisDetector(LayerDetector):
         return -self.gaussians[i].sq_distances(pool(activation)).min(1).values
 
     def _scores_and_logits(self, model, x: Tensor) -> tuple[Tensor, Tensor]:
+        with model_in_eval_mode(model):  # running statistics, never updated
+            return self._scores_and_logits_eval(model, x)
+
+    def _scores_and_logits_eval(self, model, x: Tensor) -> tuple[Tensor, Tensor]:
         ask = self._ask()
         if self.noise == 0.0:
             outs = model.features_at(x, ask)
@@ -169,7 +174,7 @@ class MahalanobisDetector(LayerDetector):
         for xb, yb in tqdm(list(zip(x.split(batch_size), y.split(batch_size))),
                            desc="Mahalanobis statistics", disable=not progress, leave=False):
             yb = yb.to(device).long()
-            with torch.no_grad():
+            with torch.no_grad(), model_in_eval_mode(model):
                 outs = model.features_at(xb.to(device), list(self.layers))
             counts.index_add_(0, yb, torch.ones(len(yb), dtype=torch.float64, device=device))
             for i, o in enumerate(outs):
@@ -208,7 +213,7 @@ class MahalanobisDetector(LayerDetector):
 
         Args:
             model: rce_fast.models.Classifier (or a module with ``features_at`` and
-                ``layer_names``), in eval mode.
+                ``layer_names``); it runs in eval mode, its modes restored afterwards.
             x, y: (N, ...) training inputs and their TRUE classes (N,).
             adversarial: (Na, ...) adversarial examples (label adversarial).
             noisy: optional (Nn, ...) noisy inputs (label normal).

@@ -44,8 +44,8 @@ def non_me(decision_logits: Tensor) -> Tensor:
     top = z.argmax(-1, keepdim=True)
     log_q = _torch_impl.log_softmax(z.scatter(-1, top, float("-inf")), -1)
     q = _torch_impl.exp_flush(log_q)  # exact 0 at -inf; no underflow slow path on CPU
-    return -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
-
+    # the sign inside the sum: the same values, and +0 (not -0) for two classes
+    return (q * torch.where(q > 0, -log_q, 0.0)).sum(-1)
 
 
 def _scores_1d(x, name: str) -> np.ndarray:
@@ -75,14 +75,9 @@ def threshold_for_fpr(clean_scores: Tensor, fpr: float) -> float:
     fraction ``fpr`` of those scores (n = 10, fpr = 0.05: one of ten). For a detection
     threshold use :func:`rce_fast.detect.threshold_at_fpr` (an order statistic that
     flags at most ``floor(fpr * n)``), which every detector's ``fit_threshold`` uses."""
-    scores = _scores_1d(clean_scores, "clean_scores")
-    if scores.size == 0:
-        raise ValueError("clean_scores is empty: a threshold needs clean data")
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)):
-        raise TypeError(f"fpr must be a number in [0, 1], got {type(fpr).__name__}")
-    if not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}")
-    return float(torch.quantile(torch.from_numpy(scores), float(fpr)))
+    from .rates import _check_fpr, as_scores  # (rates imports this module)
+    scores = as_scores(clean_scores, "clean_scores")  # finite: inf would interpolate to NaN
+    return float(torch.quantile(torch.from_numpy(scores), _check_fpr(fpr)))
 
 
 # -------------------------------------------------------------------------- AUC protocol

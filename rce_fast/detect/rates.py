@@ -102,16 +102,17 @@ def threshold_at_fpr(clean_scores, fpr: float) -> float:
     return math.inf if k == len(scores) else float(scores[k])
 
 
-def _check_fprs(fprs) -> tuple[float, ...]:
+def _check_fprs(fprs, name: str = "fprs") -> tuple[float, ...]:
     if isinstance(fprs, numbers.Real):
         fprs = (fprs,)
     try:
         values = tuple(fprs)
     except TypeError:
-        raise TypeError(f"fprs must be a sequence of numbers in [0, 1], got {fprs!r}") from None
+        raise TypeError(f"{name} must be a sequence of numbers in [0, 1], got {fprs!r}"
+                        ) from None
     if not values:
-        raise ValueError("fprs is empty")
-    return tuple(_check_fpr(f, "fprs") for f in values)
+        raise ValueError(f"{name} is empty")
+    return tuple(_check_fpr(f, name) for f in values)
 
 
 @dataclass(frozen=True)

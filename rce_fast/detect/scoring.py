@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._args import check_int
+from .._modes import model_in_eval_mode
 from .kd_detector import KDensityDetector
 from .metrics import confidence, non_me
 
@@ -57,20 +59,23 @@ def score_inputs(model, detector, x: Tensor) -> tuple[Tensor, Tensor]:
 
     Differentiable w.r.t. ``x`` when autograd is enabled (the K-density through the
     fused op). ``model`` returns decision logits; K-density needs
-    ``model.logits_and_features`` (rce_fast.models.Classifier has it).
+    ``model.logits_and_features`` (rce_fast.models.Classifier has it). The model runs in
+    eval mode (each module's train/eval flag is restored afterwards; BatchNorm's running
+    statistics are used, never updated).
     """
     check_detector(detector)
-    if isinstance(detector, str):
-        logits = model(x)
-        return logits, LOGIT_SCORES[detector](logits)
-    if isinstance(detector, KDensityDetector):
-        fn = getattr(model, "logits_and_features", None)
-        if fn is None:
-            raise TypeError("K-density needs the model's features: pass a module with "
-                            "logits_and_features(x), such as rce_fast.models.Classifier")
-        logits, feats = fn(x)
-        return logits, detector.score(feats, logits.argmax(1))
-    return detector.score_inputs(model, x)
+    with model_in_eval_mode(model):
+        if isinstance(detector, str):
+            logits = model(x)
+            return logits, LOGIT_SCORES[detector](logits)
+        if isinstance(detector, KDensityDetector):
+            fn = getattr(model, "logits_and_features", None)
+            if fn is None:
+                raise TypeError("K-density needs the model's features: pass a module with "
+                                "logits_and_features(x), such as rce_fast.models.Classifier")
+            logits, feats = fn(x)
+            return logits, detector.score(feats, logits.argmax(1))
+        return detector.score_inputs(model, x)
 
 
 def score_dataset(model, detector, x: Tensor, batch_size: int = 512,
@@ -82,9 +87,10 @@ def score_dataset(model, detector, x: Tensor, batch_size: int = 512,
     detector that needs an input gradient, such as Mahalanobis with pre-processing,
     turns it on for itself).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int(batch_size, "batch_size", 1)
     check_detector(detector)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor batch of inputs, got {type(x).__name__}")
     device = _model_device(model)
     preds, scores = [], []
     for xb in tqdm(x.split(batch_size), desc=desc, disable=not progress, leave=False):
