@@ -53,25 +53,12 @@ def set_target(case: str, baseline: str, min_ratio: float) -> None:
     _TARGETS[case] = (baseline, min_ratio)
 
 
-def cpu_model() -> str:
-    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor", ...)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def cpu_info() -> dict:
     """What a CPU timing depends on: model, torch's vector capability (its exp and
     softmax kernels), the fused C++ loss's instruction set, threads."""
-    from rce_fast import _ext
+    from rce_fast import _backend, _ext
     module, _ = _ext.load()
-    return {"rce_fast_cpu": cpu_model(),
+    return {"rce_fast_cpu": _backend.cpu_model(),
             "rce_fast_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "rce_fast_cpp_isa": module.cpu_isa() if module is not None else None,
             "rce_fast_threads": torch.get_num_threads()}
@@ -146,8 +133,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 f"{role} {t * 1e3:.3f} ms" for role, t in per.items()))
         if "paper_seconds" in extra and "rce_fast" in _RESULTS[case]:
             ours = _RESULTS[case]["rce_fast"] / extra.get("per_image_of", 1)
-            tr.write_line(f"{case:38s} {ours:.3g} s per example (paper, P100: "
-                          f"{extra['paper_seconds']:.3g} s)")
+            tr.write_line(f"{case:38s} {ours:.3g} s per example ({extra.get('setting', '')}; "
+                          f"unlike conditions, the paper's: {extra['paper_seconds']:.3g} s, "
+                          f"{extra.get('paper_setting', 'P100, ResNet-32')})")
         if "model floor" in _RESULTS[case] and "rce_fast" in _RESULTS[case]:
             tr.write_line(f"{case:38s} rce_fast takes "
                           f"{_RESULTS[case]['rce_fast'] / _RESULTS[case]['model floor']:.2f}x "

@@ -4,7 +4,8 @@
 
 Per case (e.g. "rce_loss 1024x32000 fp32"): rce_fast's median time, each baseline's,
 the baseline / rce_fast ratio and, where the issue set one, the target and whether it
-was met; per-example times and the paper's P100 seconds for the attacks; rce_fast's
+was met; per-example times for the attacks beside the paper's P100 seconds, each side
+with its model, budget and hardware (unlike conditions, never a speedup); rce_fast's
 time as a multiple of the model floor where one was measured; the CPU path the loss
 measured fastest; and on a GPU the fraction of the hardware limit (memory bandwidth for
 the loss, tensor-core rate for K-density pair evaluations). The header names the CPU
@@ -98,12 +99,18 @@ def render(data: dict) -> str:
         lines += [f"| {c} | {p} |" for c, p in paths]
     per = [(c, e) for c, e in extra.items() if "per_image_of" in e and "rce_fast" in cases[c]]
     if per:
-        lines += ["", "| case | rce_fast per example | paper (P100, ResNet-32) |",
-                  "| --- | --- | --- |"]
+        where = gpu or cpu
+        lines += ["", "Seconds per adversarial example beside the paper's appendix Table 1. "
+                  "Unlike conditions, so not a speedup: each side names its model, data, "
+                  f"budget and hardware (rce_fast's: {where}, as above).", "",
+                  "| case | rce_fast per example | rce_fast's setting | "
+                  "paper per example | paper's setting |", "| --- | --- | --- | --- | --- |"]
         for case, ex in sorted(per):
             mine = cases[case]["rce_fast"] / ex["per_image_of"]
             paper = ex.get("paper_seconds")
-            lines.append(f"| {case} | {_t(mine)} | {_t(paper) if paper else ''} |")
+            lines.append(f"| {case} | {_t(mine)} | {ex.get('setting', 'not recorded')} | "
+                         f"{_t(paper) if paper else ''} | "
+                         f"{ex.get('paper_setting', 'P100, ResNet-32') if paper else ''} |")
     return "\n".join(lines) + "\n"
 
 

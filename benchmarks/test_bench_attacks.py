@@ -32,6 +32,31 @@ PAPER_SECONDS = {
     ("C&W-hc", "ce"): 65.0, ("C&W-hc", "rce"): 110.0, ("C&W-wb", "ce"): 700.0,
     ("C&W-wb", "rce"): 1300.0,
 }
+# The budgets behind those seconds (NOTES section 4: the paper and its release).
+PAPER_BUDGET = {
+    "FGSM": "1 step", "BIM": "10 steps", "ILCM": "10 steps",
+    "JSMA": "at most 100 iterations", "C&W": "9 x 10,000 steps",
+    "C&W-hc": "9 x 10,000 steps, kappa 10",
+    "C&W-wb": "3 x 5,000 then 9 x 10,000 steps",
+}
+PAPER_SETTING = "ResNet-32 on a P100, mean of MNIST and CIFAR-10"
+
+
+def _budget(attack, setting):
+    """The budget this run gives ``attack``, in the words of PAPER_BUDGET."""
+    cw, wb = setting["cw"], setting["wb"]
+    if attack in ("FGSM", "BIM", "ILCM"):
+        return PAPER_BUDGET[attack]  # fixed by the attack, as in the paper
+    if attack == "JSMA":
+        return f"at most {setting['jsma']['max_iterations']} iterations"
+    if attack in ("C&W", "C&W-hc"):
+        steps = f"{cw['binary_search_steps']} x {cw['max_iterations']:,} steps"
+        return steps + (", kappa 10" if attack == "C&W-hc" else "")
+    if not wb:
+        return PAPER_BUDGET["C&W-wb"]  # cw_wb's defaults are the release's two stages
+    s1, s2 = wb["stage1"], wb["stage2"]
+    return (f"{s1['binary_search_steps']} x {s1['max_iterations']:,} then "
+            f"{s2['binary_search_steps']} x {s2['max_iterations']:,} steps")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +115,10 @@ def test_attack_time_per_example(record, setting, attack, objective):
     case = f"attack {attack} {objective.upper()} {setting['kind']} {data_name}"
     rounds = 3 if attack in ("FGSM", "BIM", "ILCM") else 1
     adv = record(case, "rce_fast", lambda: fn(x), rounds=rounds, per_image_of=setting["n"],
-                 paper_seconds=PAPER_SECONDS[(attack, objective)])
+                 setting=f"{setting['kind']} on {data_name}, batch {setting['n']}, "
+                         f"{_budget(attack, setting)}",
+                 paper_seconds=PAPER_SECONDS[(attack, objective)],
+                 paper_setting=f"{PAPER_SETTING}, {PAPER_BUDGET[attack]}")
     assert adv.shape == x.shape and adv.min() >= -0.5 - 1e-6 and adv.max() <= 0.5 + 1e-6
 
 

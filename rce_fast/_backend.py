@@ -30,6 +30,21 @@ if _backend not in BACKENDS:
     raise ValueError(f"RCE_FAST_BACKEND must be one of {BACKENDS}, got {_backend!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor", ...): CPU timings
+    depend on it, so results name it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def get_backend() -> str:
     return _backend
 

@@ -62,6 +62,17 @@ def test_tiny_end_to_end_writes_every_file_with_sane_values(tiny_run):
                     "RAND"):
         assert heading in report
     assert report in lines  # the tables are printed at the end
+    # the time table sits beside the paper's P100 seconds: both sides' model, data,
+    # budgets and hardware are named, as unlike conditions, not a speedup
+    cfg = saved["config"]
+    conditions = next(line for line in report.splitlines()
+                      if line.startswith("Unlike conditions, so not a speedup."))
+    from rce_fast._backend import cpu_model
+    assert f"{cfg['model']} on {saved['data']['dataset']}" in conditions
+    assert f"C&W and C&W-hc {cfg['cw_search']} x {cfg['cw_steps']:,} steps" in conditions
+    assert cpu_model() in conditions or torch.cuda.is_available()
+    assert "The paper: ResNet-32 on a P100" in conditions
+    assert "C&W-wb 3 x 5,000 then 9 x 10,000 steps." in conditions
     # the FGSM row of Table 2 matches results.json
     fgsm = saved["models"]["rce"]["attacks"]["FGSM"]["auc"]["confidence"]
     assert (f"{fgsm:.3f}" if fgsm is not None else "n/a") in report

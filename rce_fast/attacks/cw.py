@@ -429,6 +429,11 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
                            extra={"l2": l2.sqrt(), "c": c, "labels": clean.argmax(1)})
 
 
+#: C&W-wb's two stages in the authors' release (their defaults in :func:`cw_wb`).
+WB_STAGE1 = {"max_iterations": 5000, "c_init": 10.0, "binary_search_steps": 3}
+WB_STAGE2 = {"max_iterations": 10000, "c_init": 100.0, "binary_search_steps": 9}
+
+
 @preserves_model_state
 def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
           stage1: dict | None = None, stage2: dict | None = None, lr: float = 1e-2,
@@ -463,8 +468,7 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
 
     from rce_fast.detect import KDensityDetector
 
-    s1 = {"max_iterations": 5000, "c_init": 10.0, "binary_search_steps": 3}
-    s2 = {"max_iterations": 10000, "c_init": 100.0, "binary_search_steps": 9}
+    s1, s2 = dict(WB_STAGE1), dict(WB_STAGE2)
     for name, given, into in (("stage1", stage1, s1), ("stage2", stage2, s2)):
         if given is None or (given is False and name == "stage1"):
             continue
