@@ -3,12 +3,39 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cw.h"
 #include "jsma.h"
 #include "rce.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// Last-line guards on sizes and pointers (the Python side checks tensors first): a bad
+// call from Python raises ValueError instead of reading or writing out of bounds.
+void require(bool ok, const char* what) {
+  if (!ok) throw py::value_error(std::string("rce_fast._C: ") + what);
+}
+
+void check_rce_sizes(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t out,
+                     int64_t n, int64_t L, int64_t stride) {
+  require(n >= 0, "n must be >= 0");
+  require(L >= 2, "L (classes) must be >= 2");
+  require(stride >= L, "the row stride must be >= L");
+  require(n == 0 || (z != 0 && target != 0 && lse != 0 && out != 0),
+          "a null buffer pointer");
+}
+
+void check_jsma_sizes(uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out,
+                      int64_t batch, int64_t n) {
+  require(batch >= 0 && n >= 0, "batch and n must be >= 0");
+  require(batch == 0 || (alpha != 0 && beta != 0 && domain != 0 && out != 0),
+          "a null buffer pointer");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rce_fast compiled kernels: the JSMA pair search (CPU, CUDA), the fused RCE loss (CPU)";
@@ -17,6 +44,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n, int64_t L,
          int64_t stride, int64_t ignore_index, double inv_t, bool is_double, int threads,
          int isa) {
+        check_rce_sizes(z, target, lse, loss, n, L, stride);
         const rce_fast::RceStats st = rce_fast::rce_forward_cpu(
             reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
             reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse), n, L, stride,
@@ -33,6 +61,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t grad_rows, double grad_scale, uintptr_t z, uintptr_t target, uintptr_t lse,
          uintptr_t grad, int64_t n, int64_t L, int64_t stride, int64_t ignore_index,
          double inv_t, bool is_double, int threads, int isa) {
+        check_rce_sizes(z, target, lse, grad, n, L, stride);
         rce_fast::rce_backward_cpu(
             reinterpret_cast<const void*>(grad_rows), grad_scale,
             reinterpret_cast<const void*>(z), reinterpret_cast<const int64_t*>(target),
@@ -92,6 +121,7 @@ PYBIND11_MODULE(_C, m) {
       "jsma_pairs_cpu",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, int64_t batch,
          int64_t n, bool increase, int num_threads) {
+        check_jsma_sizes(alpha, beta, domain, out, batch, n);
         py::gil_scoped_release release;
         rce_fast::jsma_pairs_cpu(reinterpret_cast<const float*>(alpha),
                                  reinterpret_cast<const float*>(beta),
@@ -108,6 +138,7 @@ PYBIND11_MODULE(_C, m) {
       "jsma_pairs_cuda",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, uintptr_t ws_score,
          uintptr_t ws_pair, int64_t batch, int64_t n, bool increase, uintptr_t stream) {
+        check_jsma_sizes(alpha, beta, domain, out, batch, n);
         py::gil_scoped_release release;
         rce_fast::jsma_pairs_cuda(
             reinterpret_cast<const float*>(alpha), reinterpret_cast<const float*>(beta),

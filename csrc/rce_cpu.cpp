@@ -214,6 +214,10 @@ RCE_FAST_INLINE void backward_rows_narrow(const T* grad_rows, double grad_scale,
         for (int64_t j = 0; j < L; ++j) out[j] = T(0);
         continue;
       }
+      if (y < 0 || y >= L) {  // a label out of range: NaN, and never out[y] out of bounds
+        for (int64_t j = 0; j < L; ++j) out[j] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
       for (int64_t j = 0; j < L; ++j) out[j] = u[j * kLanes + k];
       // the label's entry is g p_y (R_y is 0 there): not (p_y - 1/(L-1)) + 1/(L-1), which
       // rounds a p_y far below 1/(L-1), the usual case in RCE training, to 0
@@ -236,6 +240,10 @@ RCE_FAST_INLINE void backward_rows(const T* grad_rows, double grad_scale, const 
     const int64_t y = target[i];
     if (y == ignore_index) {
       for (int64_t j = 0; j < L; ++j) out[j] = T(0);
+      continue;
+    }
+    if (y < 0 || y >= L) {  // see backward_rows_narrow
+      for (int64_t j = 0; j < L; ++j) out[j] = std::numeric_limits<T>::quiet_NaN();
       continue;
     }
     const T g = grad_rows != nullptr ? grad_rows[i] * it : uniform;

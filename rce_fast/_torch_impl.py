@@ -232,6 +232,9 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     keep = target != ignore_index
     label = target.clamp(0, num_classes - 1).unsqueeze(1)
     g = torch.where(keep, grad_rows.to(acc) * inv_temperature, 0.0)
+    # a label outside [0, L): a NaN row, as in the C++ and Triton backwards (never the
+    # gradient of the clamped label)
+    g = torch.where(keep & (label.squeeze(1) != target), float("nan"), g)
     inv_lm1 = 1.0 / (num_classes - 1)
     for rs in _row_chunks(n, num_classes):
         out = grad[rs]

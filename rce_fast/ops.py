@@ -1,9 +1,16 @@
 """Custom-op registration and device dispatch for every rce_fast op (the one place).
 
-The ops here take already-checked arguments (the public functions in ``rce_fast``
-check them once, with clear messages) except for checks that need tensor *values*
-(label ranges), which run here, inside the op, so that they also run under
-``torch.compile`` and before any kernel is launched.
+The public functions in ``rce_fast`` check their arguments once, with clear messages.
+Each op also checks, itself, what its kernels rely on that costs no host synchronisation
+(tensor kinds, shapes, dtypes, devices, scalar ranges: O(1) metadata), so that a direct
+``torch.ops.rce_fast...`` call with a mismatched tensor gets a ValueError / TypeError, not
+an out-of-bounds read or write in a compiled kernel; and the label-range check, which
+needs tensor *values*, runs inside the RCE forward op, so that it also runs under
+``torch.compile`` and before any kernel is launched. The RCE backward op does not re-check
+label values (that would cost a host synchronisation per training step): every
+implementation returns a NaN gradient row for a label outside [0, L). The K-density ops
+trust their offsets' *values* (class boundaries built by ``detect.kdensity``, on the
+device, with no synchronisation in an attack's inner loop).
 
 Ops:
   ``rce_fast::rce_loss_forward(logits, target, ignore_index, inv_temperature)
@@ -29,6 +36,101 @@ import torch
 from torch import Tensor
 
 from . import _backend, _ext, _torch_impl
+
+# ------------------------------------------------------------- argument checks of the ops
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, on {t.device}"
+
+
+def _check_op_tensor(op: str, name: str, t, *, shape=None, ndim=None, dtypes=None,
+                     device=None) -> None:
+    """ValueError / TypeError naming ``op`` and ``name`` unless ``t`` is a tensor of the
+    given shape (None entries free) or number of dimensions, one of ``dtypes``, on
+    ``device``. Metadata only: no host synchronisation."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"rce_fast::{op}: {name} must be a torch.Tensor, got "
+                        f"{type(t).__name__}")
+    want = []
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(w is None or w == g
+                                           for w, g in zip(shape, t.shape))
+        want.append("shape (" + ", ".join("*" if w is None else str(w) for w in shape)
+                    + ("," if len(shape) == 1 else "") + ")")
+    elif ndim is not None:
+        ok = t.dim() == ndim
+        want.append(f"{ndim} dimensions")
+    else:
+        ok = True
+    if dtypes is not None:
+        ok = ok and t.dtype in dtypes
+        want.append("dtype " + " or ".join(str(d) for d in dtypes))
+    if device is not None:
+        ok = ok and t.device == device
+        want.append(f"on {device}")
+    if not ok:
+        raise ValueError(f"rce_fast::{op}: {name} must have {', '.join(want)}; got "
+                         f"{_describe(t)}")
+
+
+def _check_positive_finite(op: str, name: str, value: float) -> None:
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"rce_fast::{op}: {name} must be a finite number > 0, got {value}")
+
+
+def check_rce_op_args(op: str, logits, target, inv_temperature: float, lse=None,
+                      grad_rows=None) -> None:
+    """What the RCE kernels rely on: (N, L >= 2) floating logits; int64 (N,) target, (N,)
+    lse in the accumulation dtype and (N,) floating grad_rows on the logits' device."""
+    _check_op_tensor(op, "logits", logits, ndim=2, dtypes=_FLOATS)
+    n, num_classes = logits.shape
+    if num_classes < 2:
+        raise ValueError(f"rce_fast::{op}: logits must have at least 2 classes, got "
+                         f"{num_classes}")
+    _check_op_tensor(op, "target", target, shape=(n,), dtypes=(torch.int64,),
+                     device=logits.device)
+    if lse is not None:
+        _check_op_tensor(op, "lse", lse, shape=(n,),
+                         dtypes=(_torch_impl.acc_dtype(logits.dtype),), device=logits.device)
+    if grad_rows is not None:
+        _check_op_tensor(op, "grad_rows", grad_rows, shape=(n,), dtypes=_FLOATS,
+                         device=logits.device)
+    _check_positive_finite(op, "inv_temperature", inv_temperature)
+
+
+def check_kdensity_op_args(op: str, q, q_offsets, bank, b_offsets, sigma2: float,
+                           grad_lse=None, lse=None) -> None:
+    """(M, d) queries and (N, d) bank of one floating dtype and device; int64 offsets of one
+    length on that device; (M,) grad_lse / lse."""
+    _check_op_tensor(op, "q", q, ndim=2, dtypes=_FLOATS)
+    dev = q.device
+    _check_op_tensor(op, "bank", bank, shape=(None, q.shape[1]), dtypes=(q.dtype,),
+                     device=dev)
+    _check_op_tensor(op, "b_offsets", b_offsets, ndim=1, dtypes=(torch.int64,), device=dev)
+    if b_offsets.shape[0] < 2:
+        raise ValueError(f"rce_fast::{op}: b_offsets must hold at least 2 class boundaries, "
+                         f"got {b_offsets.shape[0]}")
+    _check_op_tensor(op, "q_offsets", q_offsets, shape=(b_offsets.shape[0],),
+                     dtypes=(torch.int64,), device=dev)
+    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
+        if t is not None:
+            _check_op_tensor(op, name, t, shape=(q.shape[0],), dtypes=_FLOATS, device=dev)
+    _check_positive_finite(op, "sigma2", sigma2)
+
+
+def check_jsma_op_args(op: str, alpha, beta, domain) -> None:
+    """(B, n) floating alpha and beta and bool domain of one shape, on one device."""
+    _check_op_tensor(op, "alpha", alpha, ndim=2, dtypes=_FLOATS)
+    shape = tuple(alpha.shape)
+    _check_op_tensor(op, "beta", beta, shape=shape, dtypes=_FLOATS, device=alpha.device)
+    _check_op_tensor(op, "domain", domain, shape=shape, dtypes=(torch.bool,),
+                     device=alpha.device)
+
 
 # ----------------------------------------------------------------------------- RCE loss
 
@@ -289,17 +391,17 @@ def rce_loss_backward_impl(grad_rows: Tensor, logits: Tensor, target: Tensor, ls
     if logits.shape[0] == 0:
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     impl = _backend.pick("rce_loss backward", _RCE_BACKWARD, logits=logits)
-    grad = impl.run(grad_rows.to(lse.dtype).contiguous(), logits, target, lse, ignore_index,
+    # A row whose label is outside [0, L) (and not ignore_index) gets a NaN gradient in
+    # every implementation: the forward raised for it (or, under graph capture, returned
+    # NaN), and a direct call of the backward op must not write out of bounds.
+    return impl.run(grad_rows.to(lse.dtype).contiguous(), logits, target, lse, ignore_index,
                     inv_temperature)
-    if impl.name != "triton" and host_sync_forbidden(logits):
-        bad = _bad_labels(target, logits.shape[1], ignore_index)
-        grad = torch.where(bad.unsqueeze(1), float("nan"), grad)
-    return grad
 
 
 @torch.library.custom_op("rce_fast::rce_loss_forward", mutates_args=())
 def rce_loss_forward(logits: Tensor, target: Tensor, ignore_index: int,
                      inv_temperature: float) -> tuple[Tensor, Tensor]:
+    check_rce_op_args("rce_loss_forward", logits, target, inv_temperature)
     return rce_loss_forward_impl(logits, target, ignore_index, inv_temperature)
 
 
@@ -313,6 +415,8 @@ def _(logits, target, ignore_index, inv_temperature):
 @torch.library.custom_op("rce_fast::rce_loss_backward", mutates_args=())
 def rce_loss_backward(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
                       ignore_index: int, inv_temperature: float) -> Tensor:
+    check_rce_op_args("rce_loss_backward", logits, target, inv_temperature, lse=lse,
+                      grad_rows=grad_rows)
     return rce_loss_backward_impl(grad_rows, logits, target, lse, ignore_index,
                                   inv_temperature)
 
@@ -531,6 +635,7 @@ _KD_GRAD = [_backend.Impl("triton", _kd_triton_why_not, _kd_triton("kdensity_gra
 @torch.library.custom_op("rce_fast::kdensity_lse", mutates_args=())
 def kdensity_lse(q: Tensor, q_offsets: Tensor, bank: Tensor, b_offsets: Tensor,
                  sigma2: float) -> Tensor:
+    check_kdensity_op_args("kdensity_lse", q, q_offsets, bank, b_offsets, sigma2)
     if q.shape[0] == 0:
         return q.new_empty(0, dtype=_torch_impl.acc_dtype(q.dtype))
     impl = _backend.pick("kdensity", _KD_LSE, q=q)
@@ -545,6 +650,8 @@ def _(q, q_offsets, bank, b_offsets, sigma2):
 @torch.library.custom_op("rce_fast::kdensity_grad", mutates_args=())
 def kdensity_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
                   b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
+    check_kdensity_op_args("kdensity_grad", q, q_offsets, bank, b_offsets, sigma2,
+                           grad_lse=grad_lse, lse=lse)
     if q.shape[0] == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
     impl = _backend.pick("kdensity backward", _KD_GRAD, q=q)
@@ -560,6 +667,8 @@ def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
 def kdensity_bank_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
                        b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
     """Gradient of sum_i grad_lse[i] * lse_i w.r.t. the bank (PyTorch, blocked, any device)."""
+    check_kdensity_op_args("kdensity_bank_grad", q, q_offsets, bank, b_offsets, sigma2,
+                           grad_lse=grad_lse, lse=lse)
     return _torch_impl.kdensity_bank_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
                                           sigma2)
 
@@ -646,6 +755,7 @@ _JSMA = [_backend.Impl("compiled", _jsma_compiled_why_not, _jsma_compiled),
 
 @torch.library.custom_op("rce_fast::jsma_pairs", mutates_args=())
 def jsma_pairs(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool) -> Tensor:
+    check_jsma_op_args("jsma_pairs", alpha, beta, domain)
     if alpha.shape[0] == 0:
         return torch.empty((0, 2), dtype=torch.int64, device=alpha.device)
     impl = _backend.pick("jsma_pairs", _JSMA, alpha=alpha)
