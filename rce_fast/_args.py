@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,7 +30,8 @@ def move_to(t: Tensor, device: torch.device, name: str) -> Tensor:
 
 
 #: Seeds are ints in [0, SEED_LIMIT): what every generator used here takes (torch's up
-#: to 2**64, NumPy's and scikit-learn's only >= 0), with room for the seed + 1 some use.
+#: to 2**64, NumPy's only >= 0), with room for the seed + 1 some use. scikit-learn's
+#: random_state (< 2**32) gets a 32-bit word derived from the seed (sklearn_seed).
 SEED_LIMIT = 2 ** 63 - 1
 
 
@@ -41,6 +43,17 @@ def check_seed(seed, name: str = "seed") -> int:
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"{name} must be an int in [0, 2**63 - 1), got {seed}")
     return int(seed)
+
+
+def sklearn_seed(seed: int) -> int:
+    """``seed`` as scikit-learn's ``random_state`` takes it (< 2**32): itself when it fits
+    (so results for the usual small seeds stay as they were), else a 32-bit word derived
+    from all of its bits by NumPy's SeedSequence (distinct seeds stay distinct in
+    practice, and the result is deterministic)."""
+    seed = int(seed)
+    if 0 <= seed < 2 ** 32:
+        return seed
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def check_int(value, name: str, minimum: int) -> int:

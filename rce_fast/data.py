@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._args import check_seed
+from ._args import check_seed, sklearn_seed
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -112,9 +112,7 @@ def load_digits_split(test_fraction: float = 0.3, seed: int = 0):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if check_seed(seed) >= 2 ** 32:
-        raise ValueError(f"seed must be below 2**32 for the digits split (scikit-learn's "
-                         f"random_state), got {seed}")
+    seed = sklearn_seed(check_seed(seed))
     d = load_digits()
     x = d.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0 - 0.5
     idx_tr, idx_te = train_test_split(np.arange(len(x)), test_size=test_fraction,

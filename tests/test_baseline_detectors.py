@@ -212,3 +212,28 @@ def test_noisy_like_matches_the_adversarial_distortion():
                                atol=1e-6)
     assert torch.equal(noisy_like(x[:50], adv, seed=4, clip=(-10, 10)), noisy)
     assert noisy_like(x[:50], adv).abs().max() <= 0.5
+
+
+@pytest.mark.parametrize("seed", [2 ** 32, 2 ** 63 - 2])
+def test_detectors_fit_with_seeds_past_scikit_learns_range(setup64, seed):
+    """Seeds are ints in [0, 2**63 - 1) everywhere; scikit-learn's random_state stops at
+    2**32 - 1, so the cross-validation split gets a 32-bit word derived from the seed
+    (before, such a seed passed the check and then crashed inside StratifiedKFold)."""
+    model, x, y, adv, noisy = setup64
+    lid = LIDDetector(k=5, batch_size=20, layers=("features", "logits"), seed=seed)
+    lid.fit(model, x[:N], adv, noisy)
+    again = LIDDetector(k=5, batch_size=20, layers=("features", "logits"), seed=seed)
+    again.fit(model, x[:N], adv, noisy)
+    assert lid.head.C == again.head.C
+    assert torch.equal(lid.score(model, x[1000:1010]), again.score(model, x[1000:1010]))
+    maha = MahalanobisDetector(layers=("features",), seed=seed)
+    maha.fit(model, x[200:500], y[200:500], adv, noisy, clean=x[:N])
+    assert torch.isfinite(maha.score(model, x[1000:1010])).all()
+
+
+def test_sklearn_seed_keeps_small_seeds_and_maps_large_ones_deterministically():
+    from rce_fast._args import sklearn_seed
+    assert [sklearn_seed(s) for s in (0, 7, 2 ** 32 - 1)] == [0, 7, 2 ** 32 - 1]
+    big = [sklearn_seed(s) for s in (2 ** 32, 2 ** 32 + 1, 2 ** 63 - 2)]
+    assert all(0 <= b < 2 ** 32 for b in big) and len(set(big)) == 3
+    assert big == [sklearn_seed(s) for s in (2 ** 32, 2 ** 32 + 1, 2 ** 63 - 2)]

@@ -112,6 +112,16 @@ def test_digits_and_dataset_dispatch():
         data.load_dataset("imagenet", "x")
 
 
+def test_digits_split_takes_every_seed_deterministically():
+    """Seeds past scikit-learn's 2**32 - 1 get a derived 32-bit random_state."""
+    a = data.load_digits_split(seed=2 ** 40)
+    b = data.load_digits_split(seed=2 ** 40)
+    c = data.load_digits_split(seed=0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    assert data.load_digits_split(seed=2 ** 63 - 2)[0].shape == a[0].shape
+
+
 def test_cifar_augmentation_is_crop_of_resized_and_flip():
     x = torch.rand(16, 3, 32, 32) - 0.5
     a = data.augment_cifar(x, torch.Generator().manual_seed(0))

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._args import sklearn_seed
+
 #: The grid of inverse regularisation strengths searched when C is not given.
 C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 
@@ -65,7 +67,8 @@ def fit_logistic(features: np.ndarray, y: np.ndarray, C: float | None = None, se
         if k < 2:
             C = 1.0
         else:
-            split = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+            split = StratifiedKFold(n_splits=k, shuffle=True,
+                                    random_state=sklearn_seed(seed))
             losses = []
             for c in C_GRID:
                 loss = 0.0
