@@ -33,6 +33,15 @@ MAX_CLASSES = 2 ** 31 - 1 - MAX_GRID_Y * _MAX_BLOCK_L
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_class_count(num_classes: int) -> None:
+    """ValueError past MAX_CLASSES: the kernels index classes with int32 (the forward's
+    loop and the backward's last stride would wrap around). The dispatcher falls back to
+    PyTorch before this (see rce_fast.ops); the launchers check again, before allocating."""
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"logits has {num_classes} classes; the Triton RCE kernels take at "
+                         f"most {MAX_CLASSES} (int32 class indices)")
+
+
 @triton.jit
 def _rce_fwd_kernel(Z, Y, LOSS, LSE, N, L, stride_row, ignore_index, inv_t, inv_lm1,
                     ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -146,6 +155,7 @@ def rce_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
     z = _rows_view(logits)
     target = target.contiguous()
     n, num_classes = z.shape
+    check_class_count(num_classes)
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     rows, block_l, warps = block_config(num_classes)
@@ -166,14 +176,12 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     z = _rows_view(logits)
     target = target.contiguous()
     n, num_classes = z.shape
+    check_class_count(num_classes)
     # The interpreter's own fp32 -> bf16 conversion truncates; there the kernel writes
     # fp32 and torch rounds to nearest even, as the GPU's cvt.rn does.
     interp_bf16 = z.device.type == "cpu" and z.dtype == torch.bfloat16
     grad = torch.empty((n, num_classes), dtype=torch.float32 if interp_bf16 else z.dtype,
                        device=z.device)
-    if num_classes > MAX_CLASSES:
-        raise ValueError(f"logits has {num_classes} classes; the CUDA kernel takes at most "
-                         f"{MAX_CLASSES} (int32 class indices)")
     rows, block_l, warps = block_config(num_classes, backward=True)
     tiles = triton.cdiv(num_classes, block_l)
     grid = (triton.cdiv(n, rows), min(tiles, MAX_GRID_Y))

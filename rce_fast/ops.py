@@ -148,7 +148,13 @@ def _triton_why_not(kernel_module: str, t: Tensor) -> str | None:
 
 
 def _rce_triton_why_not(logits: Tensor, **_) -> str | None:
-    return _triton_why_not("rce_loss", logits)
+    why = _triton_why_not("rce_loss", logits)
+    if why is None:
+        from rce_fast.kernels import rce_loss as k
+        if logits.shape[1] > k.MAX_CLASSES:
+            why = (f"{logits.shape[1]} classes is more than the kernels' {k.MAX_CLASSES} "
+                   f"(int32 class indices)")
+    return why
 
 
 def _rce_triton_forward(*args):

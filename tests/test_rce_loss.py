@@ -622,11 +622,36 @@ def test_backward_strides_over_class_tiles_past_the_grid_limit(monkeypatch, grid
     torch.testing.assert_close(zs.grad.double().cpu(), z64.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_backward_refuses_a_class_count_past_int32_indexing(monkeypatch):
-    """Past MAX_CLASSES (about 1.88e9) the strided backward's int32 column index could wrap
-    around: the launcher refuses with a message naming the class count, never a hang."""
+def test_kernels_refuse_a_class_count_past_int32_indexing(monkeypatch):
+    """Past MAX_CLASSES (about 1.88e9) the forward's class loop and the strided backward's
+    int32 column index could wrap around: both launchers refuse, before allocating
+    anything, with a message naming the class count; the dispatcher never sends such a
+    call to them (the PyTorch path takes it), and backend 'triton' says why it cannot."""
     from rce_fast.kernels import rce_loss as k
     monkeypatch.setattr(k, "MAX_CLASSES", 100)
-    z = torch.randn(2, 101)
+    z, y = torch.randn(2, 101), torch.tensor([0, 1])
+    allocated = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        allocated.append(args)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(k.torch, "empty", counting_empty)
+    with pytest.raises(ValueError, match="101 classes; the Triton RCE kernels take at most 100"):
+        k.rce_forward(z, y, -100, 1.0)
     with pytest.raises(ValueError, match="101 classes"):
-        k.rce_backward(torch.ones(2), z, torch.tensor([0, 1]), torch.zeros(2), -100, 1.0)
+        k.rce_backward(torch.ones(2), z, y, torch.zeros(2), -100, 1.0)
+    assert allocated == []
+    monkeypatch.setattr(k.torch, "empty", real_empty)
+    if rce_fast._backend.triton_interpreter_on() or torch.cuda.is_available():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        zz = z.to(dev, copy=True).requires_grad_(True)
+        with rce_fast.use_backend("auto"), rce_fast.ops.rce_cpu_path("torch"):
+            rce_fast.rce_loss(zz, y.to(dev)).backward()  # falls back to PyTorch
+        ref = z.double().requires_grad_(True)
+        rce_loss_reference(ref, y).backward()
+        torch.testing.assert_close(zz.grad.cpu().double(), ref.grad, rtol=1e-5, atol=1e-7)
+        with rce_fast.use_backend("triton"), pytest.raises(RuntimeError,
+                                                            match="101 classes is more"):
+            rce_fast.rce_loss(z.to(dev), y.to(dev))
