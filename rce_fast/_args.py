@@ -38,6 +38,7 @@ SEED_LIMIT = 2 ** 63 - 1
 def check_seed(seed, name: str = "seed") -> int:
     """An int seed in [0, 2**63 - 1) (None is not accepted here; callers that allow it
     check first)."""
+    seed = scalar(seed)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
@@ -56,8 +57,18 @@ def sklearn_seed(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+def scalar(value):
+    """A 0-d torch tensor or NumPy array as the Python number it holds (``.item()``: a
+    bool stays a bool, so checks refusing bools still do); anything else unchanged. Lets
+    ``eps=torch.tensor(0.3)`` or ``fpr=np.array(0.05)`` pass the number checks."""
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 def check_int(value, name: str, minimum: int) -> int:
     """An int (not a bool) >= ``minimum``."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
@@ -76,6 +87,7 @@ def check_clip(clip) -> tuple[float, float]:
 
 def check_real(value, name: str, allow_inf: bool = True) -> float:
     """A real number, not NaN (infinities allowed unless ``allow_inf`` is False)."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._args import check_has_data
+from ._args import check_has_data, scalar
 
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,6 +60,7 @@ def _check_args(logits, target, reduction, ignore_index, temperature) -> None:
 
 
 def _check_ignore_index(ignore_index) -> None:
+    ignore_index = scalar(ignore_index)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:
@@ -68,6 +69,7 @@ def _check_ignore_index(ignore_index) -> None:
 
 
 def _check_temperature(temperature) -> None:
+    temperature = scalar(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float, got "
                         f"{type(temperature).__name__}")

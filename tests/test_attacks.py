@@ -369,6 +369,11 @@ def test_cw_runs_on_models_of_another_dtype(batch, rce_detector, dtype):
     with torch.no_grad():
         hit = model(adv).argmax(1) == target
     assert bool(hit[info.success].all())
+    # info.l2 is the norm of the perturbation as returned (in x's dtype), not of the
+    # float32 iterate the search measured
+    norm = (adv.double() - x.to(dtype).double()).flatten(1).norm(dim=1).float()
+    torch.testing.assert_close(info.l2[info.success], norm[info.success], rtol=1e-6, atol=0)
+    assert torch.isinf(info.l2[~info.success]).all()
     if dtype == torch.float64:
         _, info32 = cw_l2(model32, x, target, return_info=True, **kw)
         assert int((info.success != info32.success).sum()) <= 1
@@ -381,3 +386,5 @@ def test_cw_runs_on_models_of_another_dtype(batch, rce_detector, dtype):
                   stage2=dict(max_iterations=30, c_init=100.0, binary_search_steps=1))
     adv, info = cw_wb(model, x.to(dtype), target, det, return_info=True, **stages)
     assert adv.dtype == dtype and info.f2.isfinite().all()
+    norm = (adv.double() - x.to(dtype).double()).flatten(1).norm(dim=1).float()
+    torch.testing.assert_close(info.l2, norm, rtol=1e-6, atol=0)

@@ -222,9 +222,14 @@ def test_a_threshold_that_flags_everything_is_refused(guarded):
         z, f = model.logits_and_features(x[1500:1550])
     assert det.fit_threshold(f, z.argmax(1), fpr=1.0) == math.inf
     assert det.detect(f, z.argmax(1)).all()
-    for kw in ({}, {"threshold": math.inf}, {"threshold": -math.inf}, {"threshold": math.nan}):
-        with pytest.raises(ValueError, match="threshold"):
+    for kw in ({}, {"threshold": math.inf}):
+        with pytest.raises(ValueError, match=r"threshold must be finite, got inf \(a threshold "
+                                             r"fitted at fpr = 1 flags every input"):
             GuardedClassifier(model, det, **kw)
+    with pytest.raises(ValueError, match=r"got -inf \(it would flag no input: .* never fires"):
+        GuardedClassifier(model, det, threshold=-math.inf)
+    with pytest.raises(ValueError, match=r"threshold must be a number, got nan"):
+        GuardedClassifier(model, det, threshold=math.nan)
 
 
 def test_flags_refuses_nan_inputs(guarded):

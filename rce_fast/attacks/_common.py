@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from .._args import (check_clip, check_has_data, check_int, check_seed,  # noqa: F401
+from .._args import (check_clip, check_has_data, check_int, check_seed, scalar,  # noqa: F401
                      move_to)  # (check_clip, check_int: re-exported for the attacks)
 from .._modes import model_in_eval_mode
 from .._torch_impl import all_finite
@@ -58,6 +58,7 @@ def check_images(x, name: str = "x") -> None:
 
 
 def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     ok = value >= 0 if allow_zero else value > 0
@@ -96,12 +97,12 @@ def resolve_target(target, logits: Tensor, seed: int | None = 0, name: str = "ta
     """
     batch, num_classes = logits.shape
     if isinstance(target, str):
+        if target in ("least_likely", "random") and num_classes < 2:
+            raise ValueError(f"{name}={target!r} needs a model with at least 2 classes (a "
+                             f"class other than the prediction), got {num_classes}")
         if target == "least_likely":
             return logits.argmin(1)
         if target == "random":
-            if num_classes < 2:
-                raise ValueError(f"{name}='random' needs a model with at least 2 classes "
-                                 f"(a class other than the prediction), got {num_classes}")
             g = generator_for(seed, "cpu")
             pred = logits.argmax(1).cpu()
             offset = torch.randint(1, num_classes, (batch,), generator=g)

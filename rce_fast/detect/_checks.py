@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .._args import check_has_data
+from .._args import check_has_data, scalar
 from .._torch_impl import all_finite
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,6 +43,7 @@ def _check_labels(y, name: str, rows: int, device) -> None:
 
 
 def _check_sigma2(sigma2) -> float:
+    sigma2 = scalar(sigma2)
     if isinstance(sigma2, bool) or not isinstance(sigma2, numbers.Real):
         raise TypeError(f"sigma2 must be a positive float, got {type(sigma2).__name__}")
     if not (math.isfinite(sigma2) and sigma2 > 0):

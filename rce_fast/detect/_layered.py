@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._args import check_device, check_has_data, check_int, check_real  # noqa: F401
+from .._args import check_device, check_has_data, check_int, check_real, scalar  # noqa: F401
 from .._io import atomic_torch_save, check_writable, safe_torch_load
 from .._torch_impl import all_finite
 from .rates import threshold_at_fpr
@@ -63,6 +63,7 @@ def resolve_layers(model, layers, default: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def check_float(value, name: str, minimum: float = 0.0, allow_equal: bool = True) -> float:
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
             not math.isfinite(value) or value < minimum or (value == minimum and
                                                            not allow_equal):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._args import sklearn_seed
+from .._args import scalar, sklearn_seed
 
 #: The grid of inverse regularisation strengths searched when C is not given.
 C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
@@ -22,6 +22,7 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 def _check_C(C) -> float | None:
     if C is None:
         return None
+    C = scalar(C)
     if isinstance(C, bool) or not isinstance(C, numbers.Real):
         raise TypeError(f"C must be a finite number > 0 or None (cross-validated), got "
                         f"{type(C).__name__}")

@@ -22,7 +22,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .._args import check_real
+from .._args import check_real, scalar
 from .._modes import model_in_eval_mode
 from .kd_detector import KDensityDetector
 from .kdensity import BankIndex, QueryPlan, kdensity_planned
@@ -80,9 +80,11 @@ class GuardedClassifier(nn.Module):
         threshold = check_real(threshold, "threshold")
         if not math.isfinite(threshold):  # +inf: a threshold at fpr = 1 ("flag everything")
             raise ValueError(f"threshold must be finite, got {threshold}" + (
-                " (a threshold fitted at fpr = 1 flags every input" if threshold > 0 else
-                " (it would flag no input") + ": the extra logit would be infinite and its "
-                "gradient NaN)")
+                " (a threshold fitted at fpr = 1 flags every input: the extra logit would "
+                "be +inf and its gradient NaN)" if threshold > 0 else
+                " (it would flag no input: the extra logit would be -inf for every input, "
+                "a guard that never fires)"))
+        scale = scalar(scale)
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
                 not (0 < scale < math.inf):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")

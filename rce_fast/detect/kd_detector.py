@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .._args import check_int, check_real, check_seed
+from .._args import check_int, check_real, check_seed, scalar
 from ._checks import _check_features, _check_labels, _check_sigma2
 from .kdensity import BankIndex, build_bank_index, kdensity_indexed
 
@@ -58,6 +58,7 @@ class KDensityDetector:
         if objective not in DEFAULT_SIGMA2:
             raise ValueError(f"objective must be 'rce' or 'ce', got {objective!r}")
         self.sigma2 = _check_sigma2(DEFAULT_SIGMA2[objective] if sigma2 is None else sigma2)
+        per_class = scalar(per_class)
         if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or \
                 per_class < 1:
             raise ValueError(f"per_class must be a positive int, got {per_class!r}")

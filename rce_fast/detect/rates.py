@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._args import check_has_data
+from .._args import check_has_data, scalar
 from .metrics import auc_standard_error
 
 
@@ -66,6 +66,7 @@ def as_scores(values, name: str) -> np.ndarray:
 
 
 def _check_fpr(fpr, name: str = "fpr") -> float:
+    fpr = scalar(fpr)
     if isinstance(fpr, bool) or not isinstance(fpr, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(fpr).__name__}")
     if not (0.0 <= float(fpr) <= 1.0):
@@ -103,6 +104,7 @@ def threshold_at_fpr(clean_scores, fpr: float) -> float:
 
 
 def _check_fprs(fprs, name: str = "fprs") -> tuple[float, ...]:
+    fprs = scalar(fprs)
     if isinstance(fprs, numbers.Real):
         fprs = (fprs,)
     try:
