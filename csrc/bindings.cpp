@@ -134,6 +134,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef RCE_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("jsma_cuda_blocks_per_image", &rce_fast::jsma_cuda_blocks_per_image);
+  m.def("jsma_cuda_probe", &rce_fast::jsma_cuda_probe, py::arg("device"),
+        "'' when the CUDA pair search can run on the device, else why not.");
   m.def(
       "jsma_pairs_cuda",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, uintptr_t ws_score,

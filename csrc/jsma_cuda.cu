@@ -111,6 +111,36 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
+std::string jsma_cuda_probe(int device) {
+  int driver = 0, runtime = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
+    return "no CUDA driver is loaded";
+  cudaRuntimeGetVersion(&runtime);
+  const auto version = [](int v) {
+    return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  };
+  // Minor-version compatibility lets an older driver of the same major version run it;
+  // an older major cannot.
+  if (driver / 1000 < runtime / 1000)
+    return "the CUDA driver supports CUDA " + version(driver) + ", older than the CUDA " +
+           version(runtime) + " runtime rce_fast._C was built with (update the driver, or "
+           "rebuild with an nvcc no newer than the driver)";
+  int previous = 0;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess) err = cudaSetDevice(device);
+  cudaFuncAttributes attr;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, pairs_partial_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, pairs_final_kernel);
+  std::string why;
+  if (err != cudaSuccess) {
+    why = "the CUDA kernels cannot run on device " + std::to_string(device) + " (" +
+          cudaGetErrorString(err) + "; built for CMAKE_CUDA_ARCHITECTURES, see setup.py)";
+    cudaGetLastError();  // clear the (non-sticky) error for the caller
+  }
+  cudaSetDevice(previous);
+  return why;
+}
+
 int64_t jsma_cuda_blocks_per_image(int64_t n) {
   return n <= 0 ? 1 : (n + kRowsPerBlock - 1) / kRowsPerBlock;
 }

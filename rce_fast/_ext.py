@@ -18,7 +18,10 @@ def load():
 
 
 @functools.lru_cache(maxsize=None)
-def warn_fallback(op: str) -> None:
-    _, why = load()
+def warn_fallback(op: str, why: str | None = None) -> None:
+    """One RuntimeWarning per (op, reason): the compiled path cannot run, and why (by
+    default, why the extension did not load)."""
+    if why is None:
+        why = load()[1]
     warnings.warn(f"{op}: {why}. Falling back to the slower PyTorch implementation.",
                   RuntimeWarning, stacklevel=3)

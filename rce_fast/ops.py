@@ -714,11 +714,29 @@ def _jsma_compiled_why_not(alpha: Tensor, **_) -> str | None:
     module, why = _ext.load()
     if module is None:
         return why
-    if alpha.device.type == "cuda" and not module.with_cuda:
-        return "rce_fast._C was built without CUDA (no CUDA compiler at build time)"
-    if alpha.device.type not in ("cpu", "cuda"):
+    if alpha.device.type == "cuda":
+        if not module.with_cuda:
+            return "rce_fast._C was built without CUDA (no CUDA compiler at build time)"
+        return _jsma_cuda_probe(module, alpha.device.index
+                                if alpha.device.index is not None
+                                else torch.cuda.current_device())
+    if alpha.device.type != "cpu":
         return f"device type {alpha.device.type!r} is not supported"
     return None
+
+
+_JSMA_CUDA_PROBED: dict[int, str | None] = {}
+
+
+def _jsma_cuda_probe(module, index: int) -> str | None:
+    """Once per device: can the extension's CUDA kernels run there? A driver older than
+    the CUDA runtime built in, or a GPU architecture the build has neither SASS nor PTX
+    for, would fail at the first launch; the probe makes that a fallback to PyTorch with
+    a warning that says why."""
+    if index not in _JSMA_CUDA_PROBED:
+        why = module.jsma_cuda_probe(index)
+        _JSMA_CUDA_PROBED[index] = why or None
+    return _JSMA_CUDA_PROBED[index]
 
 
 _MAX_CUDA_BATCH = 65535  # grid.y limit of the CUDA kernel
@@ -751,7 +769,7 @@ def _jsma_compiled(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool) 
 
 def _jsma_torch(alpha, beta, domain, increase):
     if _backend.get_backend() != "torch":
-        _ext.warn_fallback("jsma_pairs")
+        _ext.warn_fallback("jsma_pairs", _jsma_compiled_why_not(alpha))
     return _torch_impl.jsma_pairs(alpha.float(), beta.float(), domain.bool(), increase)
 
 

@@ -104,6 +104,43 @@ def test_compiled_module_imports_and_reports_cuda():
     if module is None:
         pytest.skip(why)
     assert isinstance(module.with_cuda, bool)
+    if module.with_cuda and not torch.cuda.is_available():
+        # the real probe on a machine with no usable GPU says why, and does not throw
+        why_not = module.jsma_cuda_probe(0)
+        assert isinstance(why_not, str) and why_not
+    elif module.with_cuda:
+        assert module.jsma_cuda_probe(torch.cuda.current_device()) == ""
+
+
+def test_cuda_probe_failure_falls_back_with_its_reason(monkeypatch):
+    """A driver older than the runtime built in, or a GPU with no SASS/PTX in the build,
+    would fail at the first CUDA launch: the probe (once per device) turns it into the
+    reason the PyTorch path runs instead, and the warning names it."""
+    import types
+    from rce_fast import ops
+    calls = []
+
+    def probe(index):
+        calls.append(index)
+        return "the CUDA driver supports CUDA 12.4, older than the CUDA 13.0 runtime"
+
+    fake = types.SimpleNamespace(with_cuda=True, jsma_cuda_probe=probe)
+    monkeypatch.setattr(_ext, "load", lambda: (fake, None))
+    monkeypatch.setattr(ops, "_JSMA_CUDA_PROBED", {})
+    alpha = types.SimpleNamespace(device=torch.device("cuda", 3))
+    with rce_fast.use_backend("auto"):
+        for _ in range(3):
+            assert "older than the CUDA 13.0" in ops._jsma_compiled_why_not(alpha)
+    assert calls == [3]  # probed once
+    fake.jsma_cuda_probe = lambda index: ""
+    monkeypatch.setattr(ops, "_JSMA_CUDA_PROBED", {})
+    assert ops._jsma_compiled_why_not(alpha) is None
+    fake.with_cuda = False
+    assert "built without CUDA" in ops._jsma_compiled_why_not(alpha)
+    _ext.warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="jsma_pairs: the CUDA driver supports CUDA 12.4"):
+        _ext.warn_fallback("jsma_pairs", "the CUDA driver supports CUDA 12.4")
+    _ext.warn_fallback.cache_clear()
 
 
 # -------------------------------------------------------------------------- the attack

@@ -73,3 +73,35 @@ def test_install_pins_torch_and_takes_its_index_from_the_environment(tmp_path, i
     assert len(torch_line) == 1
     assert (f"--index-url {index}" in torch_line[0]) == bool(index)
     assert not any("--index-url" in line for line in pips if line not in torch_line)
+
+
+def test_cuda_build_carries_sass_for_turing_ampere_hopper_and_ptx():
+    """The default CMAKE_CUDA_ARCHITECTURES: sm_75 (T4), sm_80 (A100; also runs on sm_86 /
+    sm_89), sm_90 (H100) SASS, and compute_90 PTX that newer GPUs JIT-compile. Read with
+    the cuobjdump Triton ships (none is on the CPU machines' PATH)."""
+    import glob
+
+    from rce_fast import _ext
+    module, why = _ext.load()
+    if module is None or not module.with_cuda:
+        pytest.skip(why or "rce_fast._C was built without CUDA")
+    if os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
+        pytest.skip("the build chose its own CMAKE_CUDA_ARCHITECTURES")
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("no Triton, so no cuobjdump")
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                   "bin", "cuobjdump"))
+    if not tools:
+        pytest.skip("this Triton ships no cuobjdump")
+
+    def listing(kind):
+        out = subprocess.run([tools[0], f"--list-{kind}", module.__file__],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    elf = listing("elf")
+    assert all(f"sm_{a}.cubin" in elf for a in (75, 80, 90)), elf
+    assert "sm_90.ptx" in listing("ptx")
