@@ -253,6 +253,26 @@ def test_rce_loss_inside_a_cuda_graph():
 
 
 @pytest.mark.gpu
+def test_jsma_cuda_past_the_grid_limit_and_on_a_side_stream():
+    """The CUDA pair search launches at most 65535 images (grid y) at a time; a larger
+    batch is chunked. On a non-default stream it must order after that stream's work.
+    Both against the C++ CPU path (identical pairs by the tie rule)."""
+    from rce_fast.attacks import jsma_pairs
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(70000, 12, generator=g), torch.randn(70000, 12, generator=g)
+    d = torch.rand(70000, 12, generator=g) > 0.2
+    want = jsma_pairs(a, b, d, True)
+    assert ops._jsma_compiled_why_not(a.cuda()) is None  # the probe passed here
+    assert torch.equal(jsma_pairs(a.cuda(), b.cuda(), d.cuda(), True).cpu(), want)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ac = a[:4096].cuda(non_blocking=True) * 1.0  # queued on the side stream
+        got = jsma_pairs(ac, b[:4096].cuda(), d[:4096].cuda(), True)
+    side.synchronize()
+    assert torch.equal(got.cpu(), want[:4096])
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_the_second_gpu_while_the_first_is_current():
     torch.cuda.set_device(0)
