@@ -23,7 +23,9 @@ void check_rce_sizes(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t out
                      int64_t n, int64_t L, int64_t stride) {
   require(n >= 0, "n must be >= 0");
   require(L >= 2, "L (classes) must be >= 2");
-  require(stride >= L, "the row stride must be >= L");
+  // Rows may overlap or repeat (a stride below L, 0 for expanded logits): they are read
+  // only. The outputs are the caller's own contiguous buffers.
+  require(stride >= 0, "the row stride must be >= 0");
   require(n == 0 || (z != 0 && target != 0 && lse != 0 && out != 0),
           "a null buffer pointer");
 }
@@ -31,7 +33,7 @@ void check_rce_sizes(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t out
 void check_jsma_sizes(uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out,
                       int64_t batch, int64_t n) {
   require(batch >= 0 && n >= 0, "batch and n must be >= 0");
-  require(batch == 0 || (alpha != 0 && beta != 0 && domain != 0 && out != 0),
+  require(batch == 0 || n == 0 || (alpha != 0 && beta != 0 && domain != 0 && out != 0),
           "a null buffer pointer");
 }
 
@@ -134,8 +136,14 @@ PYBIND11_MODULE(_C, m) {
 #ifdef RCE_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("jsma_cuda_blocks_per_image", &rce_fast::jsma_cuda_blocks_per_image);
-  m.def("jsma_cuda_probe", &rce_fast::jsma_cuda_probe, py::arg("device"),
-        "'' when the CUDA pair search can run on the device, else why not.");
+  m.def(
+      "jsma_cuda_probe",
+      []() {
+        const rce_fast::ProbeResult r = rce_fast::jsma_cuda_probe();
+        return py::make_tuple(r.why, r.permanent);
+      },
+      "(why, permanent): why is '' when the CUDA pair search can run on the current "
+      "device, else why not; permanent: the answer holds for the process.");
   m.def(
       "jsma_pairs_cuda",
       [](uintptr_t alpha, uintptr_t beta, uintptr_t domain, uintptr_t out, uintptr_t ws_score,

@@ -19,9 +19,15 @@ void jsma_pairs_cpu(const float* alpha, const float* beta, const uint8_t* domain
                     int64_t* out, int64_t batch, int64_t n, bool increase, int num_threads);
 
 #ifdef RCE_FAST_WITH_CUDA
-// "" when the CUDA kernels can run on `device` (driver new enough for the runtime built
-// in, SASS or PTX for its architecture), else the reason. Never throws.
-std::string jsma_cuda_probe(int device);
+// Whether the CUDA kernels can run on the current device: `why` is "" when they can
+// (driver new enough for the runtime built in, SASS or PTX for the architecture), else
+// the reason; `permanent` says the answer holds for the process (a property of the build,
+// driver and device), false for an error that may be transient. Never throws.
+struct ProbeResult {
+  std::string why;
+  bool permanent;
+};
+ProbeResult jsma_cuda_probe();
 // Number of partial results per image the CUDA path needs in its workspace.
 int64_t jsma_cuda_blocks_per_image(int64_t n);
 // CUDA: all pointers are device pointers; ws_score float[batch * blocks],

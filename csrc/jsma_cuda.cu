@@ -111,10 +111,10 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-std::string jsma_cuda_probe(int device) {
+ProbeResult jsma_cuda_probe() {
   int driver = 0, runtime = 0;
   if (cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
-    return "no CUDA driver is loaded";
+    return {"no CUDA driver is loaded", true};
   cudaRuntimeGetVersion(&runtime);
   const auto version = [](int v) {
     return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
@@ -122,23 +122,30 @@ std::string jsma_cuda_probe(int device) {
   // Minor-version compatibility lets an older driver of the same major version run it;
   // an older major cannot.
   if (driver / 1000 < runtime / 1000)
-    return "the CUDA driver supports CUDA " + version(driver) + ", older than the CUDA " +
-           version(runtime) + " runtime rce_fast._C was built with (update the driver, or "
-           "rebuild with an nvcc no newer than the driver)";
-  int previous = 0;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err == cudaSuccess) err = cudaSetDevice(device);
+    return {"the CUDA driver supports CUDA " + version(driver) + ", older than the CUDA " +
+                version(runtime) + " runtime rce_fast._C was built with (update the driver, " +
+                "or rebuild with an nvcc no newer than the driver)",
+            true};
+  // On the caller's current device (no cudaSetDevice here: that could create a context
+  // on another GPU, and change the device current for everything else in the thread).
   cudaFuncAttributes attr;
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, pairs_partial_kernel);
+  cudaError_t err = cudaFuncGetAttributes(&attr, pairs_partial_kernel);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, pairs_final_kernel);
-  std::string why;
-  if (err != cudaSuccess) {
-    why = "the CUDA kernels cannot run on device " + std::to_string(device) + " (" +
-          cudaGetErrorString(err) + "; built for CMAKE_CUDA_ARCHITECTURES, see setup.py)";
-    cudaGetLastError();  // clear the (non-sticky) error for the caller
-  }
-  cudaSetDevice(previous);
-  return why;
+  if (err == cudaSuccess) return {"", true};
+  cudaGetLastError();  // clear the (non-sticky) error for the caller
+  int device = -1;
+  cudaGetDevice(&device);
+  // Only a missing or incompatible kernel image, or a driver too old, is a property of
+  // the build and the device; anything else (a transient or sticky error) may pass.
+  const bool permanent = err == cudaErrorNoKernelImageForDevice ||
+                         err == cudaErrorInsufficientDriver ||
+                         err == cudaErrorUnsupportedPtxVersion ||
+                         err == cudaErrorInvalidKernelImage ||
+                         err == cudaErrorSystemDriverMismatch;
+  return {"the CUDA kernels cannot run on device " + std::to_string(device) + " (" +
+              cudaGetErrorString(err) + "; rce_fast._C holds code for the GPUs chosen by " +
+              "CMAKE_CUDA_ARCHITECTURES at build time)",
+          permanent};
 }
 
 int64_t jsma_cuda_blocks_per_image(int64_t n) {

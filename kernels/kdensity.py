@@ -274,6 +274,7 @@ def kdensity_lse(q: torch.Tensor, q_offsets: torch.Tensor, bank: torch.Tensor,
     Every class that has queries must have at least one bank row. Any D >= 1.
     """
     q, bank = q.contiguous(), bank.contiguous()
+    q_offsets, b_offsets = q_offsets.contiguous(), b_offsets.contiguous()
     with device_guard(q.device):
         tstart, tcls, qn, bn, meta = _common(q, bank, q_offsets, backward=False)
         lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
@@ -290,6 +291,7 @@ def kdensity_grad(grad_lse: torch.Tensor, q: torch.Tensor, q_offsets: torch.Tens
                   sigma2: float) -> torch.Tensor:
     """grad_lse[i] * d lse_i / d q_i as an (N, D) tensor in q's dtype."""
     q, bank = q.contiguous(), bank.contiguous()
+    q_offsets, b_offsets = q_offsets.contiguous(), b_offsets.contiguous()
     n, dim = q.shape
     with device_guard(q.device):
         tstart, tcls, qn, bn, meta = _common(q, bank, q_offsets, backward=True)

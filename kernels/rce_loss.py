@@ -174,7 +174,7 @@ def rce_backward(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Te
     ``grad_rows`` (N,) float32 is the upstream gradient of each row's loss.
     """
     z = _rows_view(logits)
-    target = target.contiguous()
+    target, lse, grad_rows = target.contiguous(), lse.contiguous(), grad_rows.contiguous()
     n, num_classes = z.shape
     check_class_count(num_classes)
     # The interpreter's own fp32 -> bf16 conversion truncates; there the kernel writes

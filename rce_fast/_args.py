@@ -57,12 +57,21 @@ def sklearn_seed(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+#: The smallest normal float32 (2**-126) and the largest finite one: a scale whose value
+#: or inverse reaches a float32 kernel must lie between them, or the kernel computes with
+#: 0 or inf and returns NaN.
+FP32_TINY = 2.0 ** -126
+FP32_MAX = 3.4028234663852886e38
+
+
 def scalar(value):
     """A 0-d torch tensor or NumPy array as the Python number it holds (``.item()``: a
     bool stays a bool, so checks refusing bools still do); anything else unchanged. Lets
     ``eps=torch.tensor(0.3)`` or ``fpr=np.array(0.05)`` pass the number checks."""
-    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
         return value.item()
+    if isinstance(value, Tensor) and value.ndim == 0 and value.device.type != "meta":
+        return value.item()  # (a meta tensor holds no number: left to the type checks)
     return value
 
 

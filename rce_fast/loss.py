@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._args import check_has_data, scalar
+from ._args import FP32_TINY, check_has_data, scalar
 
 _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,6 +75,9 @@ def _check_temperature(temperature) -> None:
                         f"{type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not FP32_TINY <= temperature <= 1 / FP32_TINY:
+        raise ValueError(f"temperature must be in [2**-126, 2**126] (1/temperature scales "
+                         f"the logits in float32), got {temperature}")
 
 
 def rce_loss(logits: Tensor, target: Tensor, reduction: str = "mean",

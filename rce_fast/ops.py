@@ -9,8 +9,10 @@ needs tensor *values*, runs inside the RCE forward op, so that it also runs unde
 ``torch.compile`` and before any kernel is launched. The RCE backward op does not re-check
 label values (that would cost a host synchronisation per training step): every
 implementation returns a NaN gradient row for a label outside [0, L). The K-density ops
-trust their offsets' *values* (class boundaries built by ``detect.kdensity``, on the
-device, with no synchronisation in an attack's inner loop).
+check their offsets' *values* on the CPU (free there) and trust them on a GPU (class
+boundaries built by ``detect.kdensity`` on the device, with no synchronisation in an
+attack's inner loop). The fake kernels run the same metadata checks, so a call mixing
+in a meta tensor, and torch.compile while tracing, refuse what the real kernels would.
 
 Ops:
   ``rce_fast::rce_loss_forward(logits, target, ignore_index, inv_temperature)
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _ext, _torch_impl
+from ._args import FP32_MAX, FP32_TINY
 
 # ------------------------------------------------------------- argument checks of the ops
 
@@ -50,37 +53,34 @@ def _describe(t) -> str:
 
 def _check_op_tensor(op: str, name: str, t, *, shape=None, ndim=None, dtypes=None,
                      device=None) -> None:
-    """ValueError / TypeError naming ``op`` and ``name`` unless ``t`` is a tensor of the
-    given shape (None entries free) or number of dimensions, one of ``dtypes``, on
-    ``device``. Metadata only: no host synchronisation."""
+    """Unless ``t`` is a tensor of the given shape (None entries free) or number of
+    dimensions (ValueError), one of ``dtypes`` (TypeError), on ``device`` (ValueError):
+    an error naming ``op`` and ``name``. Metadata only: no host synchronisation."""
     if not isinstance(t, Tensor):
         raise TypeError(f"rce_fast::{op}: {name} must be a torch.Tensor, got "
                         f"{type(t).__name__}")
-    want = []
+    got = _describe(t)
     if shape is not None:
-        ok = t.dim() == len(shape) and all(w is None or w == g
-                                           for w, g in zip(shape, t.shape))
-        want.append("shape (" + ", ".join("*" if w is None else str(w) for w in shape)
-                    + ("," if len(shape) == 1 else "") + ")")
-    elif ndim is not None:
-        ok = t.dim() == ndim
-        want.append(f"{ndim} dimensions")
-    else:
-        ok = True
-    if dtypes is not None:
-        ok = ok and t.dtype in dtypes
-        want.append("dtype " + " or ".join(str(d) for d in dtypes))
-    if device is not None:
-        ok = ok and t.device == device
-        want.append(f"on {device}")
-    if not ok:
-        raise ValueError(f"rce_fast::{op}: {name} must have {', '.join(want)}; got "
-                         f"{_describe(t)}")
+        if t.dim() != len(shape) or any(w is not None and w != g
+                                        for w, g in zip(shape, t.shape)):
+            want = ", ".join("*" if w is None else str(w) for w in shape)
+            want += "," if len(shape) == 1 else ""
+            raise ValueError(f"rce_fast::{op}: {name} must have shape ({want}); got {got}")
+    elif ndim is not None and t.dim() != ndim:
+        raise ValueError(f"rce_fast::{op}: {name} must have {ndim} dimensions; got {got}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"rce_fast::{op}: {name} must have dtype "
+                        f"{' or '.join(str(d) for d in dtypes)}; got {got}")
+    if device is not None and t.device != device:
+        raise ValueError(f"rce_fast::{op}: {name} must be on {device} like the other "
+                         f"tensors; got {got}")
 
 
 def _check_positive_finite(op: str, name: str, value: float) -> None:
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"rce_fast::{op}: {name} must be a finite number > 0, got {value}")
+    """A scale in [2**-126, float32 max]: it, or its inverse, is a float32 in the kernels."""
+    if not (FP32_TINY <= value <= FP32_MAX):
+        raise ValueError(f"rce_fast::{op}: {name} must be a finite number > 0 that float32 "
+                         f"holds with its inverse (in [2**-126, 3.4e38]), got {value}")
 
 
 def check_rce_op_args(op: str, logits, target, inv_temperature: float, lse=None,
@@ -121,6 +121,25 @@ def check_kdensity_op_args(op: str, q, q_offsets, bank, b_offsets, sigma2: float
         if t is not None:
             _check_op_tensor(op, name, t, shape=(q.shape[0],), dtypes=_FLOATS, device=dev)
     _check_positive_finite(op, "sigma2", sigma2)
+
+
+def check_kdensity_offsets(op: str, q_offsets: Tensor, b_offsets: Tensor, m: int,
+                           n: int) -> None:
+    """Offsets on the CPU (where reading them costs no device sync) must be class
+    boundaries: from 0, non-decreasing, to M queries / N bank rows, and every class with
+    queries must have bank rows. Offsets on a GPU are trusted (built on the device by
+    ``rce_fast.kdensity``, with no host sync in an attack's inner loop)."""
+    if q_offsets.device.type != "cpu":
+        return
+    qo, bo = q_offsets.tolist(), b_offsets.tolist()
+    for name, v, total in (("q_offsets", qo, m), ("b_offsets", bo, n)):
+        if v[0] != 0 or v[-1] != total or any(a > b for a, b in zip(v, v[1:])):
+            raise ValueError(f"rce_fast::{op}: {name} must rise from 0 to {total} (the "
+                             f"class boundaries of its {total} rows), got {v}")
+    empty = [c for c in range(len(qo) - 1) if qo[c + 1] > qo[c] and bo[c + 1] == bo[c]]
+    if empty:
+        raise ValueError(f"rce_fast::{op}: class slot(s) {empty} have queries but no bank "
+                         f"rows")
 
 
 def check_jsma_op_args(op: str, alpha, beta, domain) -> None:
@@ -413,6 +432,9 @@ def rce_loss_forward(logits: Tensor, target: Tensor, ignore_index: int,
 
 @rce_loss_forward.register_fake
 def _(logits, target, ignore_index, inv_temperature):
+    # The fake (and meta) kernels check too: a call mixing in a meta tensor is routed
+    # here, and torch.compile then refuses mismatched tensors while tracing.
+    check_rce_op_args("rce_loss_forward", logits, target, inv_temperature)
     acc = _torch_impl.acc_dtype(logits.dtype)
     n = logits.shape[0]
     return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
@@ -429,6 +451,8 @@ def rce_loss_backward(grad_rows: Tensor, logits: Tensor, target: Tensor, lse: Te
 
 @rce_loss_backward.register_fake
 def _(grad_rows, logits, target, lse, ignore_index, inv_temperature):
+    check_rce_op_args("rce_loss_backward", logits, target, inv_temperature, lse=lse,
+                      grad_rows=grad_rows)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -642,6 +666,7 @@ _KD_GRAD = [_backend.Impl("triton", _kd_triton_why_not, _kd_triton("kdensity_gra
 def kdensity_lse(q: Tensor, q_offsets: Tensor, bank: Tensor, b_offsets: Tensor,
                  sigma2: float) -> Tensor:
     check_kdensity_op_args("kdensity_lse", q, q_offsets, bank, b_offsets, sigma2)
+    check_kdensity_offsets("kdensity_lse", q_offsets, b_offsets, q.shape[0], bank.shape[0])
     if q.shape[0] == 0:
         return q.new_empty(0, dtype=_torch_impl.acc_dtype(q.dtype))
     impl = _backend.pick("kdensity", _KD_LSE, q=q)
@@ -650,6 +675,7 @@ def kdensity_lse(q: Tensor, q_offsets: Tensor, bank: Tensor, b_offsets: Tensor,
 
 @kdensity_lse.register_fake
 def _(q, q_offsets, bank, b_offsets, sigma2):
+    check_kdensity_op_args("kdensity_lse", q, q_offsets, bank, b_offsets, sigma2)
     return q.new_empty(q.shape[0], dtype=_torch_impl.acc_dtype(q.dtype))
 
 
@@ -658,6 +684,7 @@ def kdensity_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
                   b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
     check_kdensity_op_args("kdensity_grad", q, q_offsets, bank, b_offsets, sigma2,
                            grad_lse=grad_lse, lse=lse)
+    check_kdensity_offsets("kdensity_grad", q_offsets, b_offsets, q.shape[0], bank.shape[0])
     if q.shape[0] == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
     impl = _backend.pick("kdensity backward", _KD_GRAD, q=q)
@@ -666,6 +693,8 @@ def kdensity_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
 
 @kdensity_grad.register_fake
 def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
+    check_kdensity_op_args("kdensity_grad", q, q_offsets, bank, b_offsets, sigma2,
+                           grad_lse=grad_lse, lse=lse)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -675,12 +704,16 @@ def kdensity_bank_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Ten
     """Gradient of sum_i grad_lse[i] * lse_i w.r.t. the bank (PyTorch, blocked, any device)."""
     check_kdensity_op_args("kdensity_bank_grad", q, q_offsets, bank, b_offsets, sigma2,
                            grad_lse=grad_lse, lse=lse)
+    check_kdensity_offsets("kdensity_bank_grad", q_offsets, b_offsets, q.shape[0],
+                           bank.shape[0])
     return _torch_impl.kdensity_bank_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
                                           sigma2)
 
 
 @kdensity_bank_grad.register_fake
 def _(grad_lse, q, q_offsets, bank, b_offsets, lse, sigma2):
+    check_kdensity_op_args("kdensity_bank_grad", q, q_offsets, bank, b_offsets, sigma2,
+                           grad_lse=grad_lse, lse=lse)
     return torch.empty_like(bank, memory_format=torch.contiguous_format)
 
 
@@ -729,14 +762,20 @@ _JSMA_CUDA_PROBED: dict[int, str | None] = {}
 
 
 def _jsma_cuda_probe(module, index: int) -> str | None:
-    """Once per device: can the extension's CUDA kernels run there? A driver older than
-    the CUDA runtime built in, or a GPU architecture the build has neither SASS nor PTX
-    for, would fail at the first launch; the probe makes that a fallback to PyTorch with
-    a warning that says why."""
-    if index not in _JSMA_CUDA_PROBED:
-        why = module.jsma_cuda_probe(index)
-        _JSMA_CUDA_PROBED[index] = why or None
-    return _JSMA_CUDA_PROBED[index]
+    """Can the extension's CUDA kernels run on device ``index``? A driver older than the
+    CUDA runtime built in, or a GPU architecture the build has neither SASS nor PTX for,
+    would fail at the first launch; the probe makes that a fallback to PyTorch with a
+    warning that says why. It runs on torch's current device for ``index`` (the one the
+    launch would use) and is kept for the process only when the answer is a property of
+    the build, driver and device."""
+    if index in _JSMA_CUDA_PROBED:
+        return _JSMA_CUDA_PROBED[index]
+    with torch.cuda.device(index):
+        why, permanent = module.jsma_cuda_probe()
+    why = why or None
+    if permanent:
+        _JSMA_CUDA_PROBED[index] = why
+    return why
 
 
 _MAX_CUDA_BATCH = 65535  # grid.y limit of the CUDA kernel
@@ -780,12 +819,13 @@ _JSMA = [_backend.Impl("compiled", _jsma_compiled_why_not, _jsma_compiled),
 @torch.library.custom_op("rce_fast::jsma_pairs", mutates_args=())
 def jsma_pairs(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool) -> Tensor:
     check_jsma_op_args("jsma_pairs", alpha, beta, domain)
-    if alpha.shape[0] == 0:
-        return torch.empty((0, 2), dtype=torch.int64, device=alpha.device)
+    if alpha.shape[0] == 0 or alpha.shape[1] < 2:  # no pair: (-1, -1) on every row
+        return torch.full((alpha.shape[0], 2), -1, dtype=torch.int64, device=alpha.device)
     impl = _backend.pick("jsma_pairs", _JSMA, alpha=alpha)
     return impl.run(alpha, beta, domain, increase)
 
 
 @jsma_pairs.register_fake
 def _(alpha, beta, domain, increase):
+    check_jsma_op_args("jsma_pairs", alpha, beta, domain)
     return alpha.new_empty((alpha.shape[0], 2), dtype=torch.int64)

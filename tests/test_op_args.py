@@ -74,26 +74,34 @@ def test_forward_op_still_refuses_labels_out_of_range(path):
 
 
 def _rce_cases():
+    """(name, args, error type, message): shapes and devices are ValueErrors, dtypes
+    TypeErrors (the package's contract); a non-tensor is the op schema's RuntimeError."""
     z, y, lse = _rce()
     g = torch.ones(6)
-    yield ("short target", (z, y[:3], lse, g),
+    yield ("short target", (z, y[:3], lse, g), ValueError,
            r"rce_fast::rce_loss_\w+: target must have shape \(6,\)")
-    yield "int32 target", (z, y.int(), lse, g), r"target must have .*dtype torch.int64"
-    yield "2-d target", (z, y[:, None], lse, g), r"target must have shape \(6,\)"
-    yield "1-d logits", (z[0], y, lse, g), r"logits must have 2 dimensions"
-    yield "int logits", (z.long(), y, lse, g), r"logits must have .*dtype"
-    yield "one class", (z[:, :1], y * 0, lse, g), r"logits must have at least 2 classes"
-    yield "not a tensor", (z, [0] * 6, lse, g), r"argument 'target'"  # the schema's check
+    yield ("int32 target", (z, y.int(), lse, g), TypeError,
+           r"target must have dtype torch.int64; got shape \(6,\), dtype torch.int32")
+    yield "2-d target", (z, y[:, None], lse, g), ValueError, r"target must have shape \(6,\)"
+    yield "1-d logits", (z[0], y, lse, g), ValueError, r"logits must have 2 dimensions"
+    yield "int logits", (z.long(), y, lse, g), TypeError, r"logits must have dtype"
+    yield ("one class", (z[:, :1], y * 0, lse, g), ValueError,
+           r"logits must have at least 2 classes")
+    yield ("target on meta", (z, y.to("meta"), lse, g), ValueError,
+           r"target must be on cpu like the other tensors; got .* on meta")
+    yield "not a tensor", (z, [0] * 6, lse, g), RuntimeError, r"argument 'target'"
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("case", list(_rce_cases()), ids=lambda c: c[0])
 def test_rce_ops_refuse_mismatched_tensors(path, case):
-    _, (z, y, lse, g), match = case
+    """Also a call mixing in a meta tensor, which the dispatcher routes to the fake kernel
+    (which checks too, so torch.compile refuses such tensors while tracing)."""
+    _, (z, y, lse, g), error, match = case
     with _path(path):
-        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        with pytest.raises(error, match=match):
             OP.rce_loss_forward(z, y, -100, 1.0)
-        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        with pytest.raises(error, match=match):
             OP.rce_loss_backward(g, z, y, lse, -100, 1.0)
 
 
@@ -104,13 +112,15 @@ def test_rce_backward_op_refuses_mismatched_statistics(path):
     with _path(path):
         with pytest.raises(ValueError, match=r"rce_loss_backward: lse must have shape \(6,\)"):
             OP.rce_loss_backward(g, z, y, lse[:2], -100, 1.0)
-        with pytest.raises(ValueError, match=r"lse must have .*dtype torch.float32"):
+        with pytest.raises(TypeError, match=r"lse must have dtype torch.float32"):
             OP.rce_loss_backward(g, z, y, lse.double(), -100, 1.0)
-        with pytest.raises(ValueError, match=r"lse must have .*dtype torch.float64"):
+        with pytest.raises(TypeError, match=r"lse must have dtype torch.float64"):
             OP.rce_loss_backward(g.double(), z.double(), y, lse.float(), -100, 1.0)
+        with pytest.raises(ValueError, match=r"lse must be on cpu"):
+            OP.rce_loss_backward(g, z, y, lse.to("meta"), -100, 1.0)
         with pytest.raises(ValueError, match=r"grad_rows must have shape \(6,\)"):
             OP.rce_loss_backward(g[:1], z, y, lse, -100, 1.0)
-        with pytest.raises(ValueError, match=r"grad_rows must have .*dtype"):
+        with pytest.raises(TypeError, match=r"grad_rows must have dtype"):
             OP.rce_loss_backward(g.long(), z, y, lse, -100, 1.0)
         for t in (0.0, -1.0, math.inf, math.nan):
             with pytest.raises(ValueError, match=r"inv_temperature must be a finite number"):
@@ -124,34 +134,20 @@ def test_jsma_op_refuses_mismatched_tensors(backend):
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
     d = torch.ones(4, 9, dtype=torch.bool)
-    cases = [((a, b[:, :5], d), r"jsma_pairs: beta must have shape \(4, 9\)"),
-             ((a, b[:2], d), r"beta must have shape \(4, 9\)"),
-             ((a, b, d[:, :3]), r"domain must have shape \(4, 9\)"),
-             ((a, b, d.float()), r"domain must have .*dtype torch.bool"),
-             ((a, b.long(), d), r"beta must have .*dtype"),
-             ((a.long(), b, d), r"alpha must have .*dtype"),
-             ((a[0], b[0], d[0]), r"alpha must have 2 dimensions")]
+    cases = [((a, b[:, :5], d), ValueError, r"jsma_pairs: beta must have shape \(4, 9\)"),
+             ((a, b[:2], d), ValueError, r"beta must have shape \(4, 9\)"),
+             ((a, b, d[:, :3]), ValueError, r"domain must have shape \(4, 9\)"),
+             ((a, b, d.float()), TypeError, r"domain must have dtype torch.bool"),
+             ((a, b.long(), d), TypeError, r"beta must have dtype"),
+             ((a.long(), b, d), TypeError, r"alpha must have dtype"),
+             ((a[0], b[0], d[0]), ValueError, r"alpha must have 2 dimensions"),
+             ((a, b, d.to("meta")), ValueError, r"domain must be on cpu"),
+             ((a, b, d[:, :3].to("meta")), ValueError, r"domain must have shape \(4, 9\)")]
     with rce_fast.use_backend(backend):
-        for args, match in cases:
-            with pytest.raises(ValueError, match=match):
+        for args, error, match in cases:
+            with pytest.raises(error, match=match):
                 OP.jsma_pairs(*args, True)
         assert OP.jsma_pairs(a, b, d, True).shape == (4, 2)  # the checks let good input by
-
-
-def test_op_checks_refuse_a_tensor_on_another_device():
-    """A CPU-only machine has no second real device; a call mixing in a meta tensor is
-    routed to the fake kernels by the dispatcher, so the checks are called directly."""
-    z, y, lse = _rce()
-    with pytest.raises(ValueError, match=r"rce_fast::op: target must have .*on cpu"):
-        ops.check_rce_op_args("op", z, y.to("meta"), 1.0)
-    with pytest.raises(ValueError, match=r"lse must have .*on cpu"):
-        ops.check_rce_op_args("op", z, y, 1.0, lse=lse.to("meta"))
-    a = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match=r"domain must have .*on cpu"):
-        ops.check_jsma_op_args("op", a, a, torch.ones(2, 3, dtype=torch.bool, device="meta"))
-    q, qo, bank, bo = _kd_args()
-    with pytest.raises(ValueError, match=r"b_offsets must have .*on cpu"):
-        ops.check_kdensity_op_args("op", q, qo, bank, bo.to("meta"), 1.0)
 
 
 def _kd_args(dtype=torch.float32):
@@ -165,17 +161,19 @@ def test_kdensity_ops_refuse_mismatched_tensors():
     q, qo, bank, bo = _kd_args()
     lse = OP.kdensity_lse(q, qo, bank, bo, 1.0)
     g = torch.ones(7)
-    cases = [((q, qo, bank[:, :2], bo, 1.0), r"kdensity_lse: bank must have shape \(\*, 3\)"),
-             ((q, qo, bank.double(), bo, 1.0), r"bank must have .*dtype torch.float32"),
-             ((q, qo[:2], bank, bo, 1.0), r"q_offsets must have shape \(3,\)"),
-             ((q, qo.int(), bank, bo, 1.0), r"q_offsets must have .*dtype torch.int64"),
-             ((q, qo, bank, bo[:1], 1.0), r"b_offsets must hold at least 2"),
-             ((q, qo, bank, bo.float(), 1.0), r"b_offsets must have .*dtype torch.int64"),
-             ((q[0], qo, bank, bo, 1.0), r"q must have 2 dimensions"),
-             ((q, qo, bank, bo, 0.0), r"sigma2 must be a finite number > 0"),
-             ((q, qo, bank, bo, math.nan), r"sigma2 must be a finite number > 0")]
-    for args, match in cases:
-        with pytest.raises(ValueError, match=match):
+    V, T = ValueError, TypeError
+    cases = [((q, qo, bank[:, :2], bo, 1.0), V, r"kdensity_lse: bank must have shape \(\*, 3\)"),
+             ((q, qo, bank.double(), bo, 1.0), T, r"bank must have dtype torch.float32"),
+             ((q, qo[:2], bank, bo, 1.0), V, r"q_offsets must have shape \(3,\)"),
+             ((q, qo.int(), bank, bo, 1.0), T, r"q_offsets must have dtype torch.int64"),
+             ((q, qo, bank, bo[:1], 1.0), V, r"b_offsets must hold at least 2"),
+             ((q, qo, bank, bo.float(), 1.0), T, r"b_offsets must have dtype torch.int64"),
+             ((q[0], qo, bank, bo, 1.0), V, r"q must have 2 dimensions"),
+             ((q, qo, bank, bo.to("meta"), 1.0), V, r"b_offsets must be on cpu"),
+             ((q, qo, bank, bo, 0.0), V, r"sigma2 must be a finite number > 0"),
+             ((q, qo, bank, bo, math.nan), V, r"sigma2 must be a finite number > 0")]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
             OP.kdensity_lse(*args)
     for op in (OP.kdensity_grad, OP.kdensity_bank_grad):
         name = str(op).split(".")[-1]
@@ -183,6 +181,8 @@ def test_kdensity_ops_refuse_mismatched_tensors():
             op(g[:3], q, qo, bank, bo, lse, 1.0)
         with pytest.raises(ValueError, match=rf"{name}: lse must have shape \(7,\)"):
             op(g, q, qo, bank, bo, lse[:1], 1.0)
+        with pytest.raises(ValueError, match=rf"{name}: lse must be on cpu"):
+            op(g, q, qo, bank, bo, lse.to("meta"), 1.0)
         assert op(g, q, qo, bank, bo, lse, 1.0).shape in (q.shape, bank.shape)
 
 
@@ -198,8 +198,8 @@ def test_extension_guards_sizes_and_null_pointers():
         module.rce_forward_cpu(*p, -1, 5, 5, -100, 1.0, False, 1)
     with pytest.raises(ValueError, match=r"L \(classes\) must be >= 2"):
         module.rce_forward_cpu(*p, 6, 1, 5, -100, 1.0, False, 1)
-    with pytest.raises(ValueError, match="row stride must be >= L"):
-        module.rce_forward_cpu(*p, 6, 5, 4, -100, 1.0, False, 1)
+    with pytest.raises(ValueError, match="row stride must be >= 0"):
+        module.rce_forward_cpu(*p, 6, 5, -1, -100, 1.0, False, 1)
     with pytest.raises(ValueError, match="null buffer pointer"):
         module.rce_backward_cpu(0, 1.0, 0, y.data_ptr(), lse.data_ptr(), loss.data_ptr(),
                                 6, 5, 5, -100, 1.0, False, 1)
@@ -207,3 +207,116 @@ def test_extension_guards_sizes_and_null_pointers():
         module.jsma_pairs_cpu(0, 0, 0, 0, 2, 4, True)
     with pytest.raises(ValueError, match="batch and n must be >= 0"):
         module.jsma_pairs_cpu(0, 0, 0, 0, -2, 4, True)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_logits_with_repeated_or_overlapping_rows(path):
+    """Rows that overlap or repeat in memory are valid logits (read only): one row of a
+    transpose (stride (1, 1), which torch calls contiguous), expanded logits (row stride
+    0) and an overlapping as_strided view, through the loss and its gradient."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 3, generator=g)
+    base = torch.randn(64, generator=g)
+    cases = {"one row of a transpose": (w @ torch.randn(1, 3, generator=g).t()).t(),
+             "expanded": torch.randn(1, 40, generator=g).expand(5, 40),
+             "overlapping": base.as_strided((6, 40), (3, 1))}
+    for name, z in cases.items():
+        assert z.stride(0) < z.shape[1], name
+        y = torch.arange(z.shape[0]) % z.shape[1]
+        ref = z.detach().double().requires_grad_(True)
+        want = rce_fast.rce_loss(ref, y, reduction="none")
+        want.sum().backward()
+        with _path(path):
+            zg = z.detach().requires_grad_(True)  # the strided view itself as the leaf
+            assert zg.stride() == z.stride()
+            got = rce_fast.rce_loss(zg, y, reduction="none")
+            torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=name)
+            got.sum().backward()
+            torch.testing.assert_close(zg.grad.double(), ref.grad, rtol=1e-5, atol=1e-7,
+                                       msg=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_jsma_pairs_with_fewer_than_two_features(backend):
+    """No pair exists: (-1, -1) on every row, on every path (an empty feature axis has a
+    null data pointer, which the C++ binding would refuse)."""
+    with rce_fast.use_backend(backend):
+        for n in (0, 1):
+            a = torch.randn(3, n)
+            out = OP.jsma_pairs(a, a.clone(), torch.ones(3, n, dtype=torch.bool), True)
+            assert out.tolist() == [[-1, -1]] * 3
+
+
+def test_kdensity_ops_check_offset_values_on_the_cpu():
+    """Offsets past the rows, not rising, not ending at the row count, or a class with
+    queries and no bank rows: before, the interpreter's kernel read past the bank (heap
+    corruption) and the PyTorch path returned uninitialised rows or divided by zero."""
+    q, qo, bank, bo = _kd_args()
+    g = torch.ones(7)
+    bad = [(torch.tensor([0, 3, 6000]), bo, r"q_offsets must rise from 0 to 7"),
+           (torch.tensor([0, 4, 6]), bo, r"q_offsets must rise from 0 to 7"),
+           (torch.tensor([1, 4, 7]), bo, r"q_offsets must rise from 0 to 7"),
+           (qo, torch.tensor([0, 12, 10]), r"b_offsets must rise from 0 to 10"),
+           (qo, torch.tensor([0, 6, 99999]), r"b_offsets must rise from 0 to 10"),
+           (qo, torch.tensor([0, 0, 10]), r"class slot\(s\) \[0\] have queries but no bank")]
+    lse = OP.kdensity_lse(q, qo, bank, bo, 1.0)
+    for backend in ("torch", "triton"):
+        if backend == "triton" and not rce_fast._backend.triton_interpreter_on():
+            continue
+        with rce_fast.use_backend(backend):
+            for q_off, b_off, match in bad:
+                with pytest.raises(ValueError, match=match):
+                    OP.kdensity_lse(q, q_off, bank, b_off, 1.0)
+                with pytest.raises(ValueError, match=match):
+                    OP.kdensity_grad(g, q, q_off, bank, b_off, lse, 1.0)
+                with pytest.raises(ValueError, match=match):
+                    OP.kdensity_bank_grad(g, q, q_off, bank, b_off, lse, 1.0)
+            # an empty bank class without queries is fine
+            ok = OP.kdensity_lse(q, torch.tensor([0, 0, 7]), bank, torch.tensor([0, 0, 10]),
+                                 1.0)
+            assert torch.isfinite(ok).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_statistics_and_offsets_give_the_contiguous_result(backend):
+    """lse, grad_rows and offsets given as strided views (the right values, another
+    layout): the Triton launchers made them contiguous only for some arguments."""
+    if backend == "triton" and not rce_fast._backend.triton_interpreter_on():
+        pytest.skip("the Triton interpreter is off")
+    z, y, lse = _rce(n=9, num_classes=6)
+    g = torch.rand(9, generator=torch.Generator().manual_seed(2))
+    wide_lse = torch.stack([lse, torch.full_like(lse, 99.0)], 1)[:, 0]
+    wide_g = torch.stack([g, torch.full_like(g, -7.0)], 1)[:, 0]
+    q, qo, bank, bo = _kd_args()
+    wide_qo = torch.stack([qo, qo * 0 + 12345], 1)[:, 0]
+    wide_bo = torch.stack([bo, bo * 0 + 54321], 1)[:, 0]
+    assert wide_lse.stride() == (2,) and wide_qo.stride() == (2,)
+    with rce_fast.use_backend(backend):
+        assert torch.equal(OP.rce_loss_backward(wide_g, z, y, wide_lse, -100, 1.0),
+                           OP.rce_loss_backward(g, z, y, lse, -100, 1.0))
+        want = OP.kdensity_lse(q, qo, bank, bo, 1.0)
+        assert torch.equal(OP.kdensity_lse(q, wide_qo, bank, wide_bo, 1.0), want)
+        assert torch.equal(OP.kdensity_grad(torch.ones(7), q, wide_qo, bank, wide_bo, want, 1.0),
+                           OP.kdensity_grad(torch.ones(7), q, qo, bank, bo, want, 1.0))
+
+
+def test_scales_past_float32_are_refused():
+    """1/temperature and 1/sigma2 scale float32 values in the kernels: a temperature of
+    1e-310 gave a NaN loss in eager mode (inf * 0), and under torch.compile an error about
+    inv_temperature, an argument the user never passed; sigma2 = 1e-40 gave NaN."""
+    z, y, _ = _rce()
+    for t in (1e-310, 1e-39, 1e39):
+        with pytest.raises(ValueError, match=r"temperature must be in \[2\*\*-126, 2\*\*126\]"):
+            rce_fast.rce_loss(z, y, temperature=t)
+    assert torch.isfinite(rce_fast.rce_loss(z, y, temperature=2.0 ** -126 * 1e30))
+    with pytest.raises(ValueError, match=r"inv_temperature must be .*\(in \[2\*\*-126, 3.4e38\]\)"):
+        OP.rce_loss_forward(z, y, -100, 1e39)
+    q, qo, bank, bo = _kd_args()
+    bl = torch.tensor([0] * 6 + [1] * 4)
+    qc = torch.tensor([0] * 4 + [1] * 3)
+    for s2 in (1e-40, 1e39):
+        with pytest.raises(ValueError, match=r"sigma2 must be in \[2\*\*-126, 3.4e38\]"):
+            rce_fast.kdensity(q, bank, bl, qc, s2)
+        with pytest.raises(ValueError, match=r"sigma2 must be a finite number > 0 that"):
+            OP.kdensity_lse(q, qo, bank, bo, s2)

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .._args import check_has_data, scalar
+from .._args import FP32_MAX, FP32_TINY, check_has_data, scalar
 from .._torch_impl import all_finite
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,5 +48,8 @@ def _check_sigma2(sigma2) -> float:
         raise TypeError(f"sigma2 must be a positive float, got {type(sigma2).__name__}")
     if not (math.isfinite(sigma2) and sigma2 > 0):
         raise ValueError(f"sigma2 must be a finite number > 0, got {sigma2}")
+    if not FP32_TINY <= sigma2 <= FP32_MAX:
+        raise ValueError(f"sigma2 must be in [2**-126, 3.4e38] (1/sigma2 scales the squared "
+                         f"distances in float32), got {sigma2}")
     return float(sigma2)
 
