@@ -6,13 +6,14 @@ corrupt, raises an error that names the path and the files it expected.
 from __future__ import annotations
 
 import gzip
+import numbers
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ._args import check_seed, sklearn_seed
+from ._args import check_seed, scalar, sklearn_seed
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -106,12 +107,23 @@ def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor
     return x, torch.from_numpy(np.concatenate(ys))
 
 
+def check_fraction(value, name: str = "test_fraction") -> float:
+    """A number in (0, 1): the share of the data held out for testing."""
+    value = scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1), got {type(value).__name__}")
+    if not (0.0 < value < 1.0):  # NaN fails too
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return float(value)
+
+
 def load_digits_split(test_fraction: float = 0.3, seed: int = 0):
     """scikit-learn's bundled 8 x 8 digits (the embedded default data set), stratified
     split: (x_train, y_train, x_test, y_test), images (N, 1, 8, 8) in [-0.5, 0.5]."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    test_fraction = check_fraction(test_fraction)
     seed = sklearn_seed(check_seed(seed))
     d = load_digits()
     x = d.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0 - 0.5
@@ -126,14 +138,8 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
     """Your own data: an .npz with ``x_train, y_train, x_test, y_test`` or ``images,
     labels`` (split here). Images (N, H, W) or (N, C, H, W) or (N, H, W, C) for C in
     {1, 3}; uint8 (0..255) or floats in [0, 1] or [-0.5, 0.5]; scaled to [-0.5, 0.5]."""
-    import numbers
-
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
-        raise TypeError(f"test_fraction must be a number in (0, 1), got "
-                        f"{type(test_fraction).__name__}")
-    if not (0.0 < test_fraction < 1.0):  # NaN fails too
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    check_seed(seed)
+    test_fraction = check_fraction(test_fraction)
+    seed = check_seed(seed)
     if scale not in ("auto", "uint8", "unit", "centered"):
         raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
     path = Path(path)

@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +288,9 @@ def run_experiment(cfg: ExperimentConfig, log=print, *, budget: Budget | None = 
     if budget.sync is None and device.type == "cuda":
         budget.sync = lambda: torch.cuda.synchronize(device)
     out = check_output_folder(cfg.out, "output folder")
-    check_seed(cfg.seed)
+    # a copy with the seed as a plain int (a 0-d tensor or NumPy seed is taken as the
+    # number it holds); the caller's config is not modified
+    cfg = replace(cfg, seed=check_seed(cfg.seed))
     x_tr, y_tr, x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     # the adaptive attacks need a finite threshold: checked up front
     if _check_fpr(cfg.defense_fpr, "defense_fpr") == 1.0:

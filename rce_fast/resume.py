@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import signal
 import tempfile
@@ -45,10 +46,15 @@ from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
+from ._args import scalar
 from ._io import atomic_torch_save, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 
 #: The exit status of a run that stopped early and can be continued.
 EXIT_NOT_FINISHED = 3
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class StopRequested(Exception):
@@ -101,16 +107,18 @@ class Budget:
                  stop_after: int | None = None,
                  stop_if: Callable[[str, list], bool] | None = None,
                  sync: Callable[[], None] | None = None, spent: float = 0.0) -> None:
-        if seconds is not None and not (isinstance(seconds, (int, float))
+        seconds, max_chunk, stop_after = (scalar(v) for v in (seconds, max_chunk, stop_after))
+        if seconds is not None and not (isinstance(seconds, numbers.Real)
+                                        and not isinstance(seconds, bool)
                                         and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a finite number > 0 or None, got {seconds!r}")
         if not (safety >= 1.0):
             raise ValueError(f"safety must be >= 1, got {safety!r}")
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds!r}")
-        if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
+        if max_chunk is not None and (not _is_int(max_chunk) or max_chunk < 1):
             raise ValueError(f"max_chunk must be a positive int or None, got {max_chunk!r}")
-        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+        if stop_after is not None and (not _is_int(stop_after) or stop_after < 0):
             raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
         self.seconds = None if seconds is None else float(seconds)
         self.clock = clock
@@ -119,7 +127,9 @@ class Budget:
             reserve = 0.0 if seconds is None else min(30.0, max(5.0, 0.03 * seconds))
         self.reserve = float(reserve)
         self.safety, self.chunk_seconds = float(safety), float(chunk_seconds)
-        self.max_chunk, self.stop_after, self.sync = max_chunk, stop_after, sync
+        self.max_chunk = None if max_chunk is None else int(max_chunk)
+        self.stop_after = None if stop_after is None else int(stop_after)
+        self.sync = sync
         self.stop_if = stop_if
         #: Why the budget refused (None while it has not).
         self.stop_reason: str | None = None

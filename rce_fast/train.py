@@ -17,12 +17,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _torch_impl
-from ._args import check_device, check_has_data, check_seed
+from ._args import check_device, check_has_data, check_seed, scalar
 from .data import augment_cifar
 from .loss import rce_loss
 from .models import Classifier, build_model
@@ -61,17 +63,23 @@ class TrainConfig:
             raise ValueError(f"objective must be 'ce' or 'rce', got {self.objective!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
-        check_seed(self.seed)
+        # Numbers are stored as plain Python numbers (a 0-d tensor or NumPy number is
+        # taken as the number it holds), so the config is JSON-serialisable as saved.
+        self.seed = check_seed(self.seed)
         for name, minimum in (("steps", 0), ("batch_size", 1), ("checkpoint_every", 1)):
-            value = getattr(self, name)
+            value = scalar(getattr(self, name))
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if minimum is not None and value < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
+            setattr(self, name, int(value))
         for name in ("lr_boundaries", "lr_values"):
             value = getattr(self, name)
+            if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1:
+                value = value.tolist()
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
                 raise TypeError(f"{name} must be a list of numbers, got {type(value).__name__}")
+            setattr(self, name, [scalar(v) for v in value])
         if len(self.lr_values) != len(self.lr_boundaries) + 1:
             raise ValueError("lr_values needs exactly one more entry than lr_boundaries")
         if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or
@@ -81,9 +89,11 @@ class TrainConfig:
                for v in self.lr_boundaries) or \
                 list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError("lr_boundaries must be increasing step numbers")
+        self.lr_values = [float(v) for v in self.lr_values]
+        self.lr_boundaries = [int(v) for v in self.lr_boundaries]
         for name, lo, hi in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
                              ("temperature", 0.0, math.inf)):
-            value = getattr(self, name)
+            value = scalar(getattr(self, name))
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             ok = (lo < value < hi) if name == "temperature" else (lo <= value < hi)
@@ -93,6 +103,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number "
                                  f"{'> 0' if name == 'temperature' else '>= 0'}"
                                  f"{' and <= 1' if name == 'momentum' else ''}, got {value}")
+            setattr(self, name, float(value))
 
     def lr_at(self, step: int) -> float:
         for boundary, value in zip(self.lr_boundaries, self.lr_values):
@@ -231,7 +242,8 @@ def _agree(n: int, interrupted: bool, world: int, device: torch.device) -> tuple
     return int(t[0]), bool(flag[0])
 
 
-def _check_train_args(config, x_train, y_train, num_classes) -> None:
+def _check_train_args(config, x_train, y_train, num_classes) -> int | None:
+    """Checks, and returns num_classes as an int (or None)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(x_train, torch.Tensor):
@@ -263,11 +275,14 @@ def _check_train_args(config, x_train, y_train, num_classes) -> None:
         raise ValueError(f"y_train holds one class only ({hi}): training needs at least 2 "
                          "(pass num_classes to train on labels that lack some classes)")
     if num_classes is not None:
+        num_classes = scalar(num_classes)
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
             raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
         if num_classes < 2 or hi >= num_classes:
             raise ValueError(f"num_classes must be >= 2 and above every label (y_train "
                              f"holds class {hi}), got {num_classes}")
+        num_classes = int(num_classes)
+    return num_classes
 
 
 def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -290,7 +305,7 @@ def train(config: TrainConfig, x_train: torch.Tensor, y_train: torch.Tensor,
     model only (no optimizer or sampler state: it cannot be trained further, but it is
     half the size). Under torchrun every rank runs this same call.
     """
-    _check_train_args(config, x_train, y_train, num_classes)
+    num_classes = _check_train_args(config, x_train, y_train, num_classes)
     world, rank, local = _distributed()
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"

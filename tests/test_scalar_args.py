@@ -83,6 +83,42 @@ def test_loss_and_detector_numbers_as_0d_arrays():
     assert type(det.per_class) is int and type(det.seed) is int
     with pytest.raises(ValueError, match="per_class"):
         rce_fast.KDensityDetector(per_class=np.array(True))
+    with pytest.raises(TypeError, match="temperature must be a positive float, got Tensor"):
+        rce_fast.rce_loss(z, y, temperature=torch.tensor(2.0, device="meta"))
+
+
+def test_configs_store_plain_numbers():
+    """A 0-d tensor or NumPy number in a config is stored as the Python number it holds,
+    so the config is JSON-serialisable and the training seed reaches torch.manual_seed as
+    an int (before: a RuntimeError deep inside training)."""
+    import dataclasses
+    import json
+
+    from rce_fast.resume import Budget
+    from rce_fast.train import TrainConfig
+    cfg = TrainConfig(model="resnet8", steps=np.int64(3), batch_size=torch.tensor(8),
+                      seed=torch.tensor(3), momentum=np.float64(0.5),
+                      lr_values=np.array([0.1, 0.01]), lr_boundaries=[np.int64(2)])
+    assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.momentum) == (3, 8, 3, 0.5)
+    assert cfg.lr_values == [0.1, 0.01] and cfg.lr_boundaries == [2]
+    json.dumps(dataclasses.asdict(cfg))
+    assert type(cfg.seed) is int and type(cfg.steps) is int
+    budget = Budget(np.float64(5.0), max_chunk=np.int64(4), stop_after=torch.tensor(2))
+    assert (budget.seconds, budget.max_chunk, budget.stop_after) == (5.0, 4, 2)
+    with pytest.raises(ValueError, match="seconds"):
+        Budget(True)
+    x, y = digits_tensors()
+    from rce_fast.train import train
+    model, _ = train(dataclasses.replace(cfg, progress=False), x[:64], y[:64],
+                     num_classes=np.int64(10))
+    assert model(x[:2]).shape == (2, 10)
+
+
+def test_ilcm_needs_two_classes():
+    """ILCM targets the least-likely class, which must be another class than the
+    prediction: a 1-class model reported success with no distortion."""
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        A.ilcm(_OneClass(), torch.zeros(2, 1, 8, 8), 0.1, steps=1)
 
 
 def test_jsma_pairs_takes_a_numpy_bool():

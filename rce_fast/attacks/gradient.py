@@ -154,9 +154,9 @@ def bim(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None, 
     check_images(x)
     check_clip(clip)
     _eps_list(eps)
-    check_int(steps, "steps", 1)
+    steps = check_int(steps, "steps", 1)
     if step_size is not None:
-        check_positive(step_size, "step_size")
+        step_size = check_positive(step_size, "step_size")
     y = _labels(model, x, labels)
     x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, y, False, project, clip)
     return _finish(x_adv, x, sweep, n_eps, model, y, False, return_info)
@@ -170,11 +170,13 @@ def ilcm(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None,
     check_images(x)
     check_clip(clip)
     _eps_list(eps)
-    check_int(steps, "steps", 1)
+    steps = check_int(steps, "steps", 1)
     if step_size is not None:
-        check_positive(step_size, "step_size")
+        step_size = check_positive(step_size, "step_size")
     with torch.no_grad():
-        target = decision_logits(model, x, first=True).argmin(1)
+        clean = decision_logits(model, x, first=True)
+    # the least-likely class must be another class than the prediction
+    target = resolve_target("least_likely", clean)
     x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, target, True, project,
                                      clip)
     return _finish(x_adv, x, sweep, n_eps, model, target, True, return_info)

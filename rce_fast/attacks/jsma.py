@@ -68,7 +68,7 @@ def jsma(model, x: Tensor, target="least_likely", theta: float = 1.0, gamma: flo
     budget = int(gamma * n) // 2  # two features per iteration
     if max_iterations is not None:
         budget = min(budget, check_int(max_iterations, "max_iterations", 0))
-    check_seed(seed)
+    seed = check_seed(seed)
 
     x_adv = x.detach().reshape(batch, n).clone()
     with torch.no_grad():

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops  # noqa: F401  (registers torch.ops.rce_fast.kdensity_*)
+from .._args import scalar
 from .._torch_impl import acc_dtype
 from ._checks import _check_features, _check_labels, _check_sigma2
 
@@ -95,6 +96,7 @@ def build_bank_index(bank: Tensor, bank_labels: Tensor, num_classes: int | None 
     if num_classes is None:
         c = top + 1
     else:
+        num_classes = scalar(num_classes)
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
             raise TypeError(f"num_classes must be a positive int, got "
                             f"{type(num_classes).__name__}")
