@@ -71,12 +71,17 @@ def scalar(value):
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value.item()
     if isinstance(value, Tensor) and value.ndim == 0 and value.device.type != "meta":
+        if value.requires_grad:
+            raise TypeError("a number given as a tensor that requires grad would be used as "
+                            "a constant (no gradient reaches it): pass a float, or detach "
+                            "it if that is what you mean")
         return value.item()  # (a meta tensor holds no number: left to the type checks)
     return value
 
 
 def check_int(value, name: str, minimum: int) -> int:
-    """An int (not a bool) >= ``minimum``."""
+    """An int (not a bool) >= ``minimum`` (ValueError otherwise, also for a float or a
+    string: every count and size check of the package words it so)."""
     value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -129,8 +129,8 @@ class RCELoss(nn.Module):
         _check_temperature(temperature)
         _check_ignore_index(ignore_index)
         self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.temperature = float(temperature)
+        self.ignore_index = int(scalar(ignore_index))
+        self.temperature = float(scalar(temperature))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return rce_loss(logits, target, self.reduction, self.ignore_index, self.temperature)

@@ -44,6 +44,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 from ._args import scalar
@@ -507,10 +509,17 @@ def _int_of_size(size: int):
 
 # --------------------------------------------------------------------------- settings
 
+def _plain(value):
+    """A NumPy number or a 0-d tensor as the Python number it holds; else str()."""
+    held = scalar(value.item() if isinstance(value, np.generic) else value)
+    return held if isinstance(held, (bool, int, float)) else str(value)
+
+
 def normalise(value):
-    """A JSON round trip: tuples become lists, keys strings (so saved and current
-    settings compare equal when they are)."""
-    return json.loads(json.dumps(value, default=str))
+    """A JSON round trip: tuples become lists, keys strings, NumPy numbers and 0-d
+    tensors Python numbers (so saved and current settings compare equal when they are,
+    whatever number type either run was given)."""
+    return json.loads(json.dumps(value, default=_plain))
 
 
 def settings_diff(saved: dict, current: dict) -> list[str]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import _torch_impl
 from ._args import check_device, check_has_data, check_seed, scalar
 from .data import augment_cifar
-from .loss import rce_loss
+from .loss import _check_temperature, rce_loss
 from .models import Classifier, build_model
 from ._io import safe_torch_load
 from .resume import (ResumeMismatch, StopRequested, atomic_torch_save, check_output_file,
@@ -104,6 +104,7 @@ class TrainConfig:
                                  f"{'> 0' if name == 'temperature' else '>= 0'}"
                                  f"{' and <= 1' if name == 'momentum' else ''}, got {value}")
             setattr(self, name, float(value))
+        _check_temperature(self.temperature)  # the loss's own range, checked up front
 
     def lr_at(self, step: int) -> float:
         for boundary, value in zip(self.lr_boundaries, self.lr_values):

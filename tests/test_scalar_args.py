@@ -157,3 +157,32 @@ def test_string_targets_need_two_classes(target):
 def test_threshold_for_nan_fpr_is_refused():
     with pytest.raises(ValueError, match="fpr must be in"):
         rates.threshold_at_fpr(np.ones(4), np.array(math.nan))
+
+
+def test_a_number_that_requires_grad_is_refused():
+    """A 0-d tensor that requires grad would be used as a constant (no gradient reaches
+    it): refused rather than silently not learned."""
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    t = torch.nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(TypeError, match="requires grad would be used as a constant"):
+        rce_fast.rce_loss(z, y, temperature=t)
+    with pytest.raises(TypeError, match="eps must hold numbers"):
+        A.fgsm(torch.nn.Flatten(), torch.zeros(2, 3), torch.tensor(0.1, device="meta"))
+    assert rce_fast.RCELoss(ignore_index=np.array(-1)).ignore_index == -1
+
+
+def test_settings_compare_equal_whatever_number_type():
+    """Saved and current run settings compare by value: a NumPy or 0-d tensor number
+    equals the Python number (a run state saved with a NumPy seed resumes)."""
+    from rce_fast.resume import settings_diff
+    saved = {"seed": np.int64(3), "eps": 0.25, "n": 300}
+    now = {"seed": 3, "eps": torch.tensor(0.25, dtype=torch.float64), "n": np.int64(300)}
+    assert settings_diff(saved, now) == []
+    assert settings_diff({"seed": 3}, {"seed": 4}) == ["seed: 3 before, 4 now"]
+
+
+def test_train_config_checks_the_losss_temperature_range():
+    from rce_fast.train import TrainConfig
+    for t in (1e-40, 1e39):
+        with pytest.raises(ValueError, match="temperature must be in"):
+            TrainConfig(temperature=t)

@@ -15,14 +15,18 @@ import torch
 from torch import Tensor
 
 from .. import _torch_impl
-from .._args import move_to
+from .._args import move_to, scalar
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
                       decision_logits, generator_for, preserves_model_state, resolve_target)
 
 
 def _eps_list(eps) -> tuple[list[float], bool]:
     """(values, is_sweep); every value finite and >= 0."""
+    eps = scalar(eps)
     if isinstance(eps, (Tensor, np.ndarray)):
+        if isinstance(eps, Tensor) and (eps.device.type == "meta" or eps.requires_grad):
+            raise TypeError("eps must hold numbers (not a meta tensor or one that requires "
+                            "grad)")
         eps = eps.tolist()  # a 0-d array gives its number, a 1-d one a list
     sweep = not isinstance(eps, numbers.Real)
     if sweep and (isinstance(eps, (str, bytes, set, frozenset, dict)) or
@@ -176,7 +180,7 @@ def ilcm(model, x: Tensor, eps, steps: int = 10, step_size: float | None = None,
     with torch.no_grad():
         clean = decision_logits(model, x, first=True)
     # the least-likely class must be another class than the prediction
-    target = resolve_target("least_likely", clean)
+    target = resolve_target("least_likely", clean, name="ilcm's target")
     x_adv, sweep, n_eps = _iterative(model, x, eps, steps, step_size, target, True, project,
                                      clip)
     return _finish(x_adv, x, sweep, n_eps, model, target, True, return_info)
