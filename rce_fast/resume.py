@@ -114,10 +114,23 @@ class Budget:
                                         and not isinstance(seconds, bool)
                                         and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a finite number > 0 or None, got {seconds!r}")
+        safety, chunk_seconds, reserve, spent = (
+            scalar(v) for v in (safety, chunk_seconds, reserve, spent))
+        for name, value in (("safety", safety), ("chunk_seconds", chunk_seconds),
+                            ("reserve", reserve), ("spent", spent)):
+            if value is None and name == "reserve":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            # chunk_seconds may be inf (chunks not limited by time); nothing may be NaN
+            if math.isnan(value) or (math.isinf(value) and name != "chunk_seconds"):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         if not (safety >= 1.0):
             raise ValueError(f"safety must be >= 1, got {safety!r}")
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds!r}")
+        if reserve is not None and reserve < 0:
+            raise ValueError(f"reserve must be >= 0 seconds or None, got {reserve!r}")
         if max_chunk is not None and (not _is_int(max_chunk) or max_chunk < 1):
             raise ValueError(f"max_chunk must be a positive int or None, got {max_chunk!r}")
         if stop_after is not None and (not _is_int(stop_after) or stop_after < 0):

@@ -186,3 +186,17 @@ def test_train_config_checks_the_losss_temperature_range():
     for t in (1e-40, 1e39):
         with pytest.raises(ValueError, match="temperature must be in"):
             TrainConfig(temperature=t)
+
+
+def test_budget_checks_every_number():
+    from rce_fast.resume import Budget
+    cases = [(dict(safety="2"), TypeError, "safety must be a number"),
+             (dict(chunk_seconds=math.nan), ValueError, "chunk_seconds must be finite"),
+             (dict(reserve=-5.0), ValueError, "reserve must be >= 0"),
+             (dict(reserve=math.nan), ValueError, "reserve must be finite"),
+             (dict(spent=math.nan), ValueError, "spent must be finite"),
+             (dict(safety=0.5), ValueError, "safety must be >= 1")]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            Budget(60.0, **kwargs)
+    assert Budget(60.0, reserve=np.float64(2.0)).reserve == 2.0
