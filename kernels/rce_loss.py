@@ -33,13 +33,21 @@ MAX_CLASSES = 2 ** 31 - 1 - MAX_GRID_Y * _MAX_BLOCK_L
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_class_count(num_classes: int) -> None:
-    """ValueError past MAX_CLASSES: the kernels index classes with int32 (the forward's
-    loop and the backward's last stride would wrap around). The dispatcher falls back to
-    PyTorch before this (see rce_fast.ops); the launchers check again, before allocating."""
+def class_count_problem(num_classes: int) -> str | None:
+    """Why the kernels cannot take ``num_classes`` (past MAX_CLASSES their int32 class
+    indices would wrap: the forward's loop, the backward's last stride), or None."""
     if num_classes > MAX_CLASSES:
-        raise ValueError(f"logits has {num_classes} classes; the Triton RCE kernels take at "
-                         f"most {MAX_CLASSES} (int32 class indices)")
+        return (f"logits has {num_classes} classes; the Triton RCE kernels take at most "
+                f"{MAX_CLASSES} (int32 class indices)")
+    return None
+
+
+def check_class_count(num_classes: int) -> None:
+    """ValueError for :func:`class_count_problem`. The dispatcher falls back to PyTorch
+    before this (see rce_fast.ops); the launchers check again, before allocating."""
+    problem = class_count_problem(num_classes)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 @triton.jit

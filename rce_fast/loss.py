@@ -59,16 +59,17 @@ def _check_args(logits, target, reduction, ignore_index, temperature) -> None:
     _check_temperature(temperature)
 
 
-def _check_ignore_index(ignore_index) -> None:
+def _check_ignore_index(ignore_index) -> int:
     ignore_index = scalar(ignore_index)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2 ** 63 <= ignore_index < 2 ** 63:
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got "
                          f"{ignore_index}")
+    return int(ignore_index)
 
 
-def _check_temperature(temperature) -> None:
+def _check_temperature(temperature) -> float:
     temperature = scalar(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float, got "
@@ -78,6 +79,7 @@ def _check_temperature(temperature) -> None:
     if not FP32_TINY <= temperature <= 1 / FP32_TINY:
         raise ValueError(f"temperature must be in [2**-126, 2**126] (1/temperature scales "
                          f"the logits in float32), got {temperature}")
+    return float(temperature)
 
 
 def rce_loss(logits: Tensor, target: Tensor, reduction: str = "mean",
@@ -126,11 +128,9 @@ class RCELoss(nn.Module):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        _check_temperature(temperature)
-        _check_ignore_index(ignore_index)
         self.reduction = reduction
-        self.ignore_index = int(scalar(ignore_index))
-        self.temperature = float(scalar(temperature))
+        self.temperature = _check_temperature(temperature)
+        self.ignore_index = _check_ignore_index(ignore_index)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return rce_loss(logits, target, self.reduction, self.ignore_index, self.temperature)

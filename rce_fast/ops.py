@@ -76,7 +76,7 @@ def _check_op_tensor(op: str, name: str, t, *, shape=None, ndim=None, dtypes=Non
                          f"tensors; got {got}")
 
 
-def _check_positive_finite(op: str, name: str, value: float) -> None:
+def _check_fp32_scale(op: str, name: str, value: float) -> None:
     """A scale in [2**-126, float32 max]: it, or its inverse, is a float32 in the kernels."""
     if not (FP32_TINY <= value <= FP32_MAX):
         raise ValueError(f"rce_fast::{op}: {name} must be a finite number > 0 that float32 "
@@ -100,13 +100,14 @@ def check_rce_op_args(op: str, logits, target, inv_temperature: float, lse=None,
     if grad_rows is not None:
         _check_op_tensor(op, "grad_rows", grad_rows, shape=(n,), dtypes=_FLOATS,
                          device=logits.device)
-    _check_positive_finite(op, "inv_temperature", inv_temperature)
+    _check_fp32_scale(op, "inv_temperature", inv_temperature)
 
 
 def check_kdensity_op_args(op: str, q, q_offsets, bank, b_offsets, sigma2: float,
-                           grad_lse=None, lse=None) -> None:
+                           grad_lse=None, lse=None, values: bool = False) -> None:
     """(M, d) queries and (N, d) bank of one floating dtype and device; int64 offsets of one
-    length on that device; (M,) grad_lse / lse."""
+    length on that device; (M,) grad_lse / lse. ``values``: also the offsets' values
+    (:func:`check_kdensity_offsets`; real tensors only, not in a fake kernel)."""
     _check_op_tensor(op, "q", q, ndim=2, dtypes=_FLOATS)
     dev = q.device
     _check_op_tensor(op, "bank", bank, shape=(None, q.shape[1]), dtypes=(q.dtype,),
@@ -120,7 +121,9 @@ def check_kdensity_op_args(op: str, q, q_offsets, bank, b_offsets, sigma2: float
     for name, t in (("grad_lse", grad_lse), ("lse", lse)):
         if t is not None:
             _check_op_tensor(op, name, t, shape=(q.shape[0],), dtypes=_FLOATS, device=dev)
-    _check_positive_finite(op, "sigma2", sigma2)
+    _check_fp32_scale(op, "sigma2", sigma2)
+    if values:
+        check_kdensity_offsets(op, q_offsets, b_offsets, q.shape[0], bank.shape[0])
 
 
 def check_kdensity_offsets(op: str, q_offsets: Tensor, b_offsets: Tensor, m: int,
@@ -170,9 +173,7 @@ def _rce_triton_why_not(logits: Tensor, **_) -> str | None:
     why = _triton_why_not("rce_loss", logits)
     if why is None:
         from rce_fast.kernels import rce_loss as k
-        if logits.shape[1] > k.MAX_CLASSES:
-            why = (f"{logits.shape[1]} classes is more than the kernels' {k.MAX_CLASSES} "
-                   f"(int32 class indices)")
+        why = k.class_count_problem(logits.shape[1])
     return why
 
 
@@ -665,8 +666,8 @@ _KD_GRAD = [_backend.Impl("triton", _kd_triton_why_not, _kd_triton("kdensity_gra
 @torch.library.custom_op("rce_fast::kdensity_lse", mutates_args=())
 def kdensity_lse(q: Tensor, q_offsets: Tensor, bank: Tensor, b_offsets: Tensor,
                  sigma2: float) -> Tensor:
-    check_kdensity_op_args("kdensity_lse", q, q_offsets, bank, b_offsets, sigma2)
-    check_kdensity_offsets("kdensity_lse", q_offsets, b_offsets, q.shape[0], bank.shape[0])
+    check_kdensity_op_args("kdensity_lse", q, q_offsets, bank, b_offsets, sigma2,
+                           values=True)
     if q.shape[0] == 0:
         return q.new_empty(0, dtype=_torch_impl.acc_dtype(q.dtype))
     impl = _backend.pick("kdensity", _KD_LSE, q=q)
@@ -683,8 +684,7 @@ def _(q, q_offsets, bank, b_offsets, sigma2):
 def kdensity_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Tensor,
                   b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
     check_kdensity_op_args("kdensity_grad", q, q_offsets, bank, b_offsets, sigma2,
-                           grad_lse=grad_lse, lse=lse)
-    check_kdensity_offsets("kdensity_grad", q_offsets, b_offsets, q.shape[0], bank.shape[0])
+                           grad_lse=grad_lse, lse=lse, values=True)
     if q.shape[0] == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
     impl = _backend.pick("kdensity backward", _KD_GRAD, q=q)
@@ -703,9 +703,7 @@ def kdensity_bank_grad(grad_lse: Tensor, q: Tensor, q_offsets: Tensor, bank: Ten
                        b_offsets: Tensor, lse: Tensor, sigma2: float) -> Tensor:
     """Gradient of sum_i grad_lse[i] * lse_i w.r.t. the bank (PyTorch, blocked, any device)."""
     check_kdensity_op_args("kdensity_bank_grad", q, q_offsets, bank, b_offsets, sigma2,
-                           grad_lse=grad_lse, lse=lse)
-    check_kdensity_offsets("kdensity_bank_grad", q_offsets, b_offsets, q.shape[0],
-                           bank.shape[0])
+                           grad_lse=grad_lse, lse=lse, values=True)
     return _torch_impl.kdensity_bank_grad(grad_lse, q, q_offsets, bank, b_offsets, lse,
                                           sigma2)
 

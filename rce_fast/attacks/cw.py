@@ -430,15 +430,16 @@ def cw_l2(model, x: Tensor, target=None, kappa: float = 0.0, c_init: float = 1e-
                                   "labels": clean.argmax(1)})
 
 
-def _returned_l2(adv: Tensor, x: Tensor, l2_search: Tensor, kept: Tensor) -> Tensor:
-    """The L2 norm of the perturbation as returned (B,) float32, inf where ``kept`` is
-    False. The search measures float32 iterates; for a bfloat16 / float16 / float64 ``x``
+def _returned_l2(adv: Tensor, x: Tensor, l2_search: Tensor,
+                 kept: Tensor | None = None) -> Tensor:
+    """The L2 norm of the perturbation as returned (B,) float32, inf where ``kept`` (if
+    given) is False. The search measures float32 iterates; for a bfloat16 / float16 / float64 ``x``
     the example returned is in x's dtype, so the norm is measured again on it."""
     if x.dtype == torch.float32:
         return l2_search.sqrt()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     d = (adv.to(acc) - x.detach().to(acc)).flatten(1).square().sum(1).sqrt().float()
-    return torch.where(kept, d, math.inf)
+    return d if kept is None else torch.where(kept, d, math.inf)
 
 
 #: C&W-wb's two stages in the authors' release (their defaults in :func:`cw_wb`).
@@ -577,7 +578,7 @@ def cw_wb(model, x: Tensor, target, detector, kappa: float = 5.0,
     return adv, AttackInfo(success=success & on_target & (f2 <= 0), target=cls, extra={
         "f2": f2, "f2_positive_ratio": over_all,
         "f2_positive_ratio_on_target": on_target_ratio,
-        "l2": _returned_l2(adv, x, l2, torch.ones_like(success)),
+        "l2": _returned_l2(adv, x, l2),
         "c": c, "classified_as_target": on_target})
 
 
