@@ -7,7 +7,7 @@ import torch
 
 import rce_fast
 from rce_fast.attacks import orthogonal_pgd, pgd
-from rce_fast.attacks.pgd import _orthogonal
+from rce_fast.attacks.pgd import _Ball, _orthogonal
 from rce_fast.detect import GuardedClassifier, threshold_at_fpr
 from tests.helpers import digits_mlp, digits_tensors
 from tests.reference_detection import orthogonal_pgd_reference, pgd_reference
@@ -116,6 +116,36 @@ def test_orthogonal_step_is_orthogonal():
     dots = (w.flatten(1) * u.flatten(1)).sum(1)
     assert dots.abs().max() < 1e-4
     torch.testing.assert_close(_orthogonal(u, u), torch.zeros_like(u), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e25, 1e36])
+def test_l2_steps_and_projection_do_not_overflow(scale):
+    """An L2 step normalises the direction and the projection rescales the delta by their
+    norms; in float32 the square of a component past 1.8e19 is inf, which made the norm
+    inf and the step (or the projected delta) zero, and a floor of 1e-12 on the norm cut
+    the step of a tiny gradient (1e-30 here) to nothing. The norms are taken on
+    v / max|v|, so every nonzero direction gives a step of exactly alpha."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 6, 6, generator=g) - 0.5
+    d = torch.randn(4, 1, 6, 6, generator=g)
+    d[3] = 0  # no direction: no step
+    ball = _Ball(x, 0.5, "l2", -1e38, 1e38)
+    moved = ball.step(x, d * scale, 0.3)
+    want = x + 0.3 * d / d.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+    torch.testing.assert_close(moved, want, rtol=1e-5, atol=1e-6)
+    # a step far past the ball (1e30 in a delta whose square overflows) lands on its edge
+    far = _Ball(x, 0.5, "l2", -1e38, 1e38).step(x, d, 1e30)
+    n = (far - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(n[:3], torch.full((3,), 0.5), rtol=1e-5, atol=0)
+    assert torch.equal(far[3], x[3])
+    want_dir = d[:3].flatten(1) / d[:3].flatten(1).norm(dim=1, keepdim=True)
+    torch.testing.assert_close((far - x)[:3].flatten(1) / 0.5, want_dir, rtol=1e-4,
+                               atol=1e-6)
+    # the orthogonal part keeps its meaning at any scale
+    u = torch.randn(4, 1, 6, 6, generator=g)
+    w = _orthogonal(d * scale, u * scale)
+    torch.testing.assert_close(w / scale, _orthogonal(d.double(), u.double()).float(),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_selective_and_l2_orthogonal_pgd(pair):

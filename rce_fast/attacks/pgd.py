@@ -30,7 +30,6 @@ from ._common import (AttackInfo, check_clip, check_images, check_int, check_pos
 
 _NORMS = ("linf", "l2")
 _LOSSES = ("ce", "margin")
-_TINY = 1e-12
 
 
 def _guarded(model):
@@ -38,11 +37,29 @@ def _guarded(model):
     return model if isinstance(model, GuardedClassifier) else None
 
 
-def _per_example(v: Tensor) -> Tensor:
-    """(B, ...) -> (B,) squared L2 norm, float32 (float64 for float64)."""
+def _scaled(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, ...) -> (v / m flattened, m): m the per-example largest |v| (1 where v is 0),
+    float32 (float64 for float64). Norms and dot products of v / m cannot overflow, so a
+    direction or a delta past 1.8e19 (whose square is inf in float32) keeps its norm."""
     flat = v.flatten(1)
     flat = flat if flat.dtype == torch.float64 else flat.float()
-    return torch.linalg.vecdot(flat, flat)
+    m = flat.abs().amax(1)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return flat / m.unsqueeze(1), m
+
+
+def _l2(v: Tensor) -> Tensor:
+    """(B, ...) -> (B,) L2 norm per example, without overflow (see ``_scaled``)."""
+    unit, m = _scaled(v)
+    return m * torch.linalg.vector_norm(unit, dim=1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """(B, ...) -> (B, n) v / ||v|| per example (0 where v is 0), at any scale: a
+    gradient of norm 1e-20 gives a full step, not one cut by a floor on the norm."""
+    scaled, _ = _scaled(v)
+    # each nonzero row of ``scaled`` has a component of magnitude 1, so its norm is >= 1
+    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp(min=1.0)
 
 
 def _view(x: Tensor) -> tuple:
@@ -56,7 +73,7 @@ def _random_start(x: Tensor, eps: float, norm: str, g: torch.Generator) -> Tenso
         return (x + ((2 * u - 1) * eps).to(x.dtype))
     d = x[0].numel()
     direction = torch.randn(x.shape, generator=g, device=x.device, dtype=torch.float32)
-    direction = direction / _per_example(direction).sqrt().clamp(min=_TINY).view(_view(x))
+    direction = _unit(direction).view(x.shape)
     radius = torch.rand(x.shape[0], generator=g, device=x.device) ** (1.0 / d) * eps
     return x + (direction * radius.view(_view(x))).to(x.dtype)
 
@@ -75,16 +92,15 @@ class _Ball:
         if self.norm == "linf":
             return torch.clamp(torch.add(xa, direction.sign(), alpha=alpha), self.low,
                                self.high)
-        scale = alpha / _per_example(direction).sqrt().clamp(min=_TINY)
-        xa = xa + (direction * scale.view(_view(xa)).to(direction.dtype)).to(xa.dtype)
+        xa = xa + (alpha * _unit(direction)).view(xa.shape).to(xa.dtype)
         return self.project(xa)
 
     def project(self, xa: Tensor) -> Tensor:
         if self.norm == "linf":
             return torch.clamp(xa, self.low, self.high)
         delta = xa - self.x
-        n = _per_example(delta).sqrt()
-        factor = torch.where(n > self.eps, self.eps / n.clamp(min=_TINY), torch.ones_like(n))
+        n = _l2(delta)
+        factor = torch.where(n > self.eps, self.eps / n, torch.ones_like(n))
         return (self.x + delta * factor.view(_view(self.x)).to(delta.dtype)).clamp(self.lo,
                                                                                self.hi)
 
@@ -245,11 +261,11 @@ def pgd(model, x: Tensor, eps: float, norm: str = "linf", steps: int = 40,
 
 def _orthogonal(v: Tensor, u: Tensor) -> Tensor:
     """v minus its projection on u, per example: v - (<v, u> / <u, u>) u."""
-    vf, uf = v.flatten(1), u.flatten(1)
-    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
-    coef = torch.linalg.vecdot(vf.to(dt), uf.to(dt)) / \
-        torch.linalg.vecdot(uf.to(dt), uf.to(dt)).clamp(min=1e-30)
-    return v - (coef.view(_view(v)) * u.to(dt)).to(v.dtype)
+    vf, mv = _scaled(v)
+    uf, mu = _scaled(u)
+    # <v, u> / <u, u> * u = (mv <v', u'> / <u', u'>) u' with v' = v / mv, u' = u / mu
+    coef = mv * torch.linalg.vecdot(vf, uf) / torch.linalg.vecdot(uf, uf).clamp(min=1e-30)
+    return (v.flatten(1).to(uf.dtype) - coef.unsqueeze(1) * uf).view(v.shape).to(v.dtype)
 
 
 @preserves_model_state
