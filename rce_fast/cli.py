@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import _cli_detect
+from ._cli_detect import _non_negative as _eps, _positive_int  # one parser per rule
 
 DATASET_HELP = ("digits (scikit-learn's bundled 8x8 digits, embedded), mnist (IDX files, "
                 "raw or .gz, torchvision names), cifar10 (cifar-10-batches-py), npz (your "
@@ -43,13 +44,6 @@ def warn(args, note: str | None) -> None:
         print(f"rce-fast {args.command}: warning: {note}", file=sys.stderr)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -61,13 +55,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _eps(text: str) -> float:
-    value = float(text)
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
