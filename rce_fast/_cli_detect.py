@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2 ** 63 - 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1), got {text}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < math.inf:
@@ -92,7 +99,7 @@ def add_commands(sub, dataset_help: str) -> None:
     f.add_argument("--batch-size", type=_positive_int, default=256,
                    help="inputs per forward pass (default: %(default)s)")
     f.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    f.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    f.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
 
     d = sub.add_parser(
@@ -180,7 +187,8 @@ def _fit_detector(args) -> int:
     from .resume import check_output_file
 
     device = _device(args.device)
-    check_output_file(args.out, "--out")  # before any work
+    check_output_file(args.out, "--out", {"--checkpoint": args.checkpoint,  # before any work
+                                          "--data-dir": args.data_dir})
     model, state = load_classifier_and_state(args.checkpoint, device)
     x_tr, y_tr, _, _ = load_dataset(args.dataset, args.data_dir, seed=0)
     from .cli import check_checkpoint_data, data_source, warn
@@ -279,22 +287,30 @@ def _write_npz(path: Path, parts: dict, scalars: dict) -> None:
     import numpy as np
     from numpy.lib import format as npy
 
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, files in parts.items():
-            arrays = [np.load(f, mmap_mode="r") for f in files]
-            total = sum(len(a) for a in arrays)
-            dtype = arrays[0].dtype
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
-                npy.write_array_header_2_0(out, {"descr": npy.dtype_to_descr(dtype),
-                                                 "fortran_order": False, "shape": (total,)})
-                for a in arrays:
-                    for i in range(0, len(a), 1 << 20):
-                        out.write(np.ascontiguousarray(a[i:i + (1 << 20)]).tobytes())
-        for name, value in scalars.items():
-            with zf.open(f"{name}.npy", "w") as out:
-                npy.write_array(out, np.asarray(value))
-    os.replace(tmp, path)
+    from ._io import atomic_write
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, files in parts.items():
+                arrays = [np.load(f, mmap_mode="r") for f in files]
+                total = sum(len(a) for a in arrays)
+                dtype = arrays[0].dtype
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                    npy.write_array_header_2_0(out, {"descr": npy.dtype_to_descr(dtype),
+                                                     "fortran_order": False,
+                                                     "shape": (total,)})
+                    for a in arrays:
+                        for i in range(0, len(a), 1 << 20):
+                            out.write(np.ascontiguousarray(a[i:i + (1 << 20)]).tobytes())
+            for name, value in scalars.items():
+                with zf.open(f"{name}.npy", "w") as out:
+                    npy.write_array(out, np.asarray(value))
+
+    try:  # a temporary file beside it, renamed; removed if anything fails
+        atomic_write(path, write)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot be written "
+                         f"({exc.strerror or exc})") from None
 
 
 def parts_folder(out) -> Path:
@@ -322,15 +338,23 @@ def _detect(args, budget=None) -> int:
         torch.cuda.set_device(local)  # collectives and the default device: this rank's GPU
     out = Path(args.out)
     parts_dir = parts_folder(out)
-    finished = False
+    from .resume import StopRequested
+
+    finished = stopped = False
     try:
         code = _detect_shard(args, world, rank, out, parts_dir, budget)
         finished = True
         return code
+    except StopRequested:
+        stopped = True
+        raise
     finally:
         # Kept after a stop or a failure once something was scored (the next run
-        # continues from it); removed when the merged file is written.
-        if rank == 0 and (finished or not _scored_any(parts_dir)):
+        # continues from it), and after a stop once the pixel range is known (a budget
+        # spent on scanning a large input is not spent again); removed when the merged
+        # file is written.
+        keep = _scored_any(parts_dir) or (stopped and _has_range(parts_dir))
+        if rank == 0 and (finished or not keep):
             shutil.rmtree(parts_dir, ignore_errors=True)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -347,13 +371,25 @@ _AGREE_SECONDS = 10.0
 def _scored_any(parts_dir: Path) -> bool:
     """Whether any process recorded scored rows in ``parts_dir``."""
     import json
-    for f in parts_dir.glob("rank*_progress.json"):
+    try:
+        records = list(parts_dir.glob("rank*_progress.json"))
+    except OSError:  # no such folder could exist (a name too long, say)
+        return False
+    for f in records:
         try:
             if int(json.loads(f.read_text())["done"]) > 0:
                 return True
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return False
+
+
+def _has_range(parts_dir: Path) -> bool:
+    """Whether a process recorded its pixel range in ``parts_dir``."""
+    try:
+        return any(parts_dir.glob("rank*_range.json"))
+    except OSError:
+        return False
 
 
 def _file_id(path, whole: bool) -> dict:
@@ -411,6 +447,44 @@ def _resume_point(progress: Path, settings: dict, parts: dict, rows: int,
     return done if 0 <= done <= rows else 0
 
 
+def _check_fits(model, detector, image_shape: tuple, device, args) -> None:
+    """Score one blank image before any work, so a detector fitted on another model (other
+    classes, other features or layers) is refused up front, naming --detector, instead of
+    failing (or, for a K-density bank with more classes, passing) in the middle of a run."""
+    import torch
+
+    from .detect import score_inputs
+    try:
+        with torch.no_grad():
+            score_inputs(model, detector, torch.zeros((1, *image_shape), device=device))
+    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else \
+            type(exc).__name__
+        raise ValueError(f"--detector {args.detector} does not fit --checkpoint "
+                         f"{args.checkpoint}: {first}") from None
+
+
+def _pixel_range(source, start: int, stop: int, record: Path, key: dict):
+    """(min, max) of rows [start, stop) of ``source`` (NaN / inf refused), from ``record``
+    when an earlier run of the same input saved it there, else scanned and saved: a run
+    continued under a time budget does not read the whole input again first."""
+    import json
+
+    from ._io import atomic_write_text
+    from .streaming import scan_range
+    want = dict(key, start=start, stop=stop)
+    try:
+        saved = json.loads(record.read_text())
+        if saved["of"] == want:
+            return float(saved["lo"]), float(saved["hi"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    lo, hi = scan_range(source, start, stop)
+    if record.parent.is_dir():
+        atomic_write_text(record, json.dumps({"of": want, "lo": lo, "hi": hi}))
+    return lo, hi
+
+
 def _raise_if_any(world: int, error: Exception | None, what: str) -> None:
     if _agree(world, [1.0 if error is not None else 0.0], "max")[0]:
         if error is not None:
@@ -432,7 +506,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     from .cli import _device
     from .detect import score_inputs
     from .detect.bundle import check_model, load_detector
-    from .streaming import check_layout, choose_scale, open_array, scan_range, to_model_images
+    from .streaming import check_layout, open_array, resolve_scale, to_model_images
     from .train import check_images, load_classifier_and_state
 
     from .resume import check_output_file
@@ -440,8 +514,10 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     error = None
     try:
         device = _device(args.device)
-        if rank == 0:
-            check_output_file(out, "--out")  # before any work
+        if rank == 0:  # before any work
+            check_output_file(out, "--out", {"--input": args.input,
+                                             "--checkpoint": args.checkpoint,
+                                             "--detector": args.detector})
         model, state = load_classifier_and_state(args.checkpoint, device)
         file = load_detector(args.detector, device)
         check_model(file, model, f" {args.detector}")
@@ -451,27 +527,36 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
         hw = source.shape[1:3] if channels_last else source.shape[-2:]
         check_images(args.checkpoint, state, (channels, *hw), f"--input {args.input}")
         del state
+        _check_fits(model, file.detector, (channels, *hw), device, args)
         n = len(source)
         if n == 0:
             raise ValueError(f"{args.input} holds no images")
         start, stop = rank * n // world, (rank + 1) * n // world
         if rank == 0:
-            parts_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                parts_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--out {out}: the folder {parts_dir.name} beside it, where "
+                                 f"detect keeps its progress, cannot be created "
+                                 f"({exc.strerror or exc}); choose a shorter --out name"
+                                 ) from None
     except (FileNotFoundError, ValueError, TypeError, SystemExit) as exc:
         error = exc if not isinstance(exc, SystemExit) else ValueError(str(exc))
     _raise_if_any(world, error, "before scoring")
     # The pixel range: one streamed pass over this shard also finds NaN / inf before any
-    # scoring starts; the processes agree on one scale.
-    scale, lo, hi = args.scale, math.inf, -math.inf
-    if scale == "auto" or source.dtype.kind == "f":
-        try:
-            lo, hi = scan_range(source, start, stop)
-        except ValueError as exc:
-            error = exc
+    # scoring starts (kept for a run that continues); the processes agree on one scale,
+    # and pixels outside it are refused.
+    lo, hi, input_id = math.inf, -math.inf, None
+    try:
+        input_id = _file_id(args.input, False)
+        if not (source.dtype == np.uint8 and args.scale in ("auto", "uint8")):
+            lo, hi = _pixel_range(source, start, stop, parts_dir / f"rank{rank}_range.json",
+                                  {"input": input_id, "key": args.key})
+    except (OSError, ValueError) as exc:
+        error = exc
     _raise_if_any(world, error, "checking its part of the input")
     lo, neg_hi = _agree(world, [lo, -hi], "min")
-    if scale == "auto":
-        scale = choose_scale(source.dtype, lo, -neg_hi)
+    scale = resolve_scale(args.scale, source.dtype, lo, -neg_hi, f"--input {args.input}")
     names = {"score": np.float64, "prediction": np.int64, "flagged": np.bool_}
     rows = stop - start
     # What must match for an earlier run's scores to be kept: every input and setting
@@ -483,7 +568,7 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     try:
         settings = {"checkpoint": _file_id(args.checkpoint, True),
                     "detector": _file_id(args.detector, True),
-                    "input": _file_id(args.input, False), "key": args.key, "scale": scale,
+                    "input": input_id, "key": args.key, "scale": scale,
                     "batch_size": args.batch_size, "processes": world, "rank": rank,
                     "device": device.type}
         done = _resume_point(progress, settings, my_parts, rows, args.restart)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import _cli_detect
-from ._cli_detect import _non_negative as _eps, _positive_int  # one parser per rule
+from ._cli_detect import _non_negative as _eps, _positive_int, _seed  # one parser per rule
 
 DATASET_HELP = ("digits (scikit-learn's bundled 8x8 digits, embedded), mnist (IDX files, "
                 "raw or .gz, torchvision names), cifar10 (cifar-10-batches-py), npz (your "
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images attacked per model (default: all 540 test images)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if "
                                                   "available, else cpu)")
-    d.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    d.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_resume_options(d, "run")
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output and state folder (default: rce_fast_DATASET); carry it "
                         "between sessions to continue a run")
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    r.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    r.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_resume_options(r, "run")
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint path (.pt)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     t.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    t.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    t.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_resume_options(t, "training")
 
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gamma", type=float, default=0.1, help="JSMA max fraction changed")
     a.add_argument("--out", required=True, help="output .pt with x_adv, labels, info")
     a.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    a.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    a.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
     _cli_detect.add_attack_arguments(a)
 
     e = sub.add_parser("evaluate", help="clean error and detection AUCs for saved attacks",
@@ -317,8 +317,10 @@ def _run(args, budget) -> int:
         return 0
 
     device = _device(args.device)
+    reads = {"--data-dir": args.data_dir, "--checkpoint": getattr(args, "checkpoint", None),
+             "--detector": getattr(args, "detector", None)}
     if args.command in ("train", "attack"):  # before any work: fail fast on a bad --out
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", reads)
     x_tr, y_tr, x_te, y_te = load_dataset(args.dataset, args.data_dir, seed=0)
     if args.command == "train":
         from .train import TrainConfig, evaluate_error, scaled_schedule, train
@@ -340,7 +342,7 @@ def _run(args, budget) -> int:
 
     from .train import load_classifier_and_state
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", reads)
     model, state = load_classifier_and_state(args.checkpoint, device)
     note = check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te)  # warned below
     del state  # the weights are in the model; the optimizer state is not needed

@@ -6,6 +6,7 @@ corrupt, raises an error that names the path and the files it expected.
 from __future__ import annotations
 
 import gzip
+import math
 import numbers
 import struct
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ._args import check_seed, scalar, sklearn_seed
+from .streaming import resolve_scale, scale_pixels
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -181,13 +183,19 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
                 raise DatasetError(f"{path}: labels must be a 1-d array of class indices >= 0")
             out.append(torch.from_numpy(arr.astype(np.int64)))
         else:
-            out.append(_to_model_images(np.asarray(arr), path, scale))
+            out.append(_to_model_images(np.asarray(arr), path, scale,
+                                        ("x_train", "x_test")[i // 2]))
     if len(out[0]) != len(out[1]) or len(out[2]) != len(out[3]):
         raise DatasetError(f"{path}: images and labels have different lengths")
     return tuple(out)
 
 
-def _to_model_images(arr: np.ndarray, path, scale: str) -> torch.Tensor:
+def _to_model_images(arr: np.ndarray, path, scale: str, name: str) -> torch.Tensor:
+    """Images (N, C, H, W) / (N, H, W, C) / (N, H, W) of integers or floats, in the range
+    of ``scale`` (``auto``: picked from this array, as before), as float32 in [-0.5, 0.5];
+    DatasetError naming the file and the split otherwise."""
+    if arr.dtype.kind not in "biuf" or arr.dtype.fields is not None:
+        raise DatasetError(f"{path}: images must hold integers or floats, got {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
@@ -195,16 +203,12 @@ def _to_model_images(arr: np.ndarray, path, scale: str) -> torch.Tensor:
     if arr.ndim != 4 or arr.shape[1] not in (1, 3):
         raise DatasetError(f"{path}: images must be (N, H, W) or (N, C, H, W) / (N, H, W, C) "
                            f"with C in (1, 3); got {arr.shape}")
-    x = arr.astype(np.float32)
-    if scale == "auto":
-        scale = ("uint8" if arr.dtype == np.uint8 or x.max() > 1.0 else
-                 "centered" if x.min() < 0 else "unit")
-    if scale == "uint8":
-        x = x / 255.0 - 0.5
-    elif scale == "unit":
-        x = x - 0.5
-    elif scale != "centered":
-        raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (math.inf, -math.inf)
+    try:
+        scale = resolve_scale(scale, arr.dtype, lo, hi, f"{path} ({name})")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    x = scale_pixels(arr.astype(np.float32), scale)
     return torch.from_numpy(np.ascontiguousarray(x))
 
 

@@ -431,15 +431,31 @@ def _make_folder(folder: Path, label: str, target: Path) -> None:
                          f"({exc.strerror or exc})") from None
 
 
-def check_output_file(path, label: str = "--out") -> Path:
+def check_output_file(path, label: str = "--out", inputs: dict | None = None) -> Path:
     """Make sure a file can be written at ``path`` before long work starts: the path is
     not a folder, its folder exists or can be created, and a file can be created in it.
-    Raises ValueError naming the path otherwise. Creates the missing parent folders."""
+    ``inputs`` ({label: path or None}): files the work reads, which ``path`` must not be
+    (writing it would replace one of them). Raises ValueError naming the path otherwise.
+    Creates the missing parent folders."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir, exists, is_file = path.is_dir(), path.exists(), path.is_file()
+    except OSError as exc:  # a name too long for the filesystem, on some Pythons
+        raise ValueError(f"{label} {path}: cannot be used ({exc.strerror or exc})") from None
+    if is_dir:
         raise ValueError(f"{label} {path}: is a folder, expected a file path")
-    if path.exists() and not path.is_file():
+    if exists and not is_file:
         raise ValueError(f"{label} {path}: exists and is not a regular file")
+    for other_label, other in (inputs or {}).items():
+        if other is None:
+            continue
+        try:
+            same = exists and os.path.samefile(path, other)
+        except OSError:  # the input is missing: its own check reports that
+            same = False
+        if same:
+            raise ValueError(f"{label} {path} is also {other_label}: writing it would "
+                             f"replace that input; choose another {label}")
     folder = path.parent if str(path.parent) else Path(".")
     _make_folder(folder, label, path)
     _probe_folder(folder, label, path)

@@ -8,12 +8,15 @@ returns rows ``[start, stop)`` as a NumPy array, so memory holds one block at a 
 
 :func:`to_model_images` turns such a block into model inputs in [-0.5, 0.5] with the
 same layout and scaling rules as ``rce_fast.data`` (N, H, W) / (N, C, H, W) /
-(N, H, W, C); uint8 0..255, floats in [0, 1] or already centred.
+(N, H, W, C); uint8 0..255, floats in [0, 1] or already centred. :func:`resolve_scale`
+picks the range (``auto``) and refuses pixels outside the one picked or given.
 """
 from __future__ import annotations
 
+import math
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +87,25 @@ class _ZipStream(ArraySource):
         self._open()
         self.description = f"{path}:{member} (compressed, streamed)"
 
+    def _corrupt(self, exc: Exception) -> ValueError:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
+            type(exc).__name__
+        return ValueError(f"{self.path}: {self.member} is corrupt ({first})")
+
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the member; a damaged one (bad CRC, bad deflate data, a
+        cut file) is a ValueError naming it, wherever in the stream the damage is."""
+        try:
+            return self.stream.read(size)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise self._corrupt(exc) from None
+
     def _open(self) -> None:
-        self.stream = self.zip.open(self.member)
-        shape, fortran, dtype = _header(self.stream)
+        try:
+            self.stream = self.zip.open(self.member)
+            shape, fortran, dtype = _header(self.stream)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise self._corrupt(exc) from None
         if fortran and len(shape) > 1:
             raise ValueError(f"{self.path}: {self.member} is stored in Fortran order and "
                              "compressed: it cannot be read by rows; save it with np.savez "
@@ -99,7 +118,7 @@ class _ZipStream(ArraySource):
     def _skip(self, rows: int) -> None:
         left = rows * self.row_bytes
         while left:
-            got = len(self.stream.read(min(left, 1 << 24)))
+            got = len(self._read(min(left, 1 << 24)))
             if not got:
                 raise ValueError(f"{self.path}: {self.member} ends early")
             left -= got
@@ -110,7 +129,7 @@ class _ZipStream(ArraySource):
             self._open()
         self._skip(start - self.pos)
         n = stop - start
-        data = self.stream.read(n * self.row_bytes)
+        data = self._read(n * self.row_bytes)
         if len(data) != n * self.row_bytes:
             raise ValueError(f"{self.path}: {self.member} ends early")
         self.pos = stop
@@ -144,6 +163,14 @@ def _npz_member(path: Path, key: str | None) -> ArraySource:
     return _Mapped(array, f"{path}:{member} (memory-mapped)")
 
 
+def _check_pixels(source: ArraySource, path: Path) -> ArraySource:
+    if source.dtype.kind not in "biuf" or source.dtype.fields is not None:
+        source.close()
+        raise ValueError(f"{path}: images must hold integers or floats, got "
+                         f"{source.dtype}")
+    return source
+
+
 def open_array(path, key: str | None = None) -> ArraySource:
     """Open the array of images in ``path`` (.npy, .npz or .pt) for block reading.
 
@@ -161,9 +188,9 @@ def open_array(path, key: str | None = None) -> ArraySource:
     try:
         if suffix == ".npy":
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-            return _Mapped(array, f"{path} (memory-mapped)")
+            return _check_pixels(_Mapped(array, f"{path} (memory-mapped)"), path)
         if suffix == ".npz":
-            return _npz_member(path, key)
+            return _check_pixels(_npz_member(path, key), path)
         if suffix in (".pt", ".pth"):
             obj = safe_torch_load(path, "images (a tensor, or a dict of tensors)", mmap=True)
             if isinstance(obj, dict):
@@ -175,7 +202,9 @@ def open_array(path, key: str | None = None) -> ArraySource:
                 raise ValueError(f"{path} holds no tensor of images")
             if obj.dtype == torch.bfloat16:
                 raise ValueError(f"{path}: bfloat16 images are not supported; save float32")
-            return _Mapped(obj.numpy(), f"{path} (memory-mapped)")
+            # a tensor saved while it required grad is still just pixels
+            return _check_pixels(_Mapped(obj.detach().numpy(), f"{path} (memory-mapped)"),
+                                 path)
     except FileNotFoundError:
         raise
     except Exception as exc:  # numpy's and zipfile's errors do not name the file
@@ -199,8 +228,17 @@ def check_layout(shape: tuple, path) -> tuple[int, bool]:
                      f"C in (1, 3); got shape {tuple(shape)}")
 
 
-def scan_range(source: ArraySource, start: int, stop: int, block: int = 4096):
-    """(min, max) over rows [start, stop) read block by block; ValueError on NaN / inf."""
+#: Bytes of raw rows one block of :func:`scan_range` reads (memory holds one block).
+SCAN_BYTES = 64 << 20
+
+
+def scan_range(source: ArraySource, start: int, stop: int, block: int | None = None):
+    """(min, max) over rows [start, stop) read block by block; ValueError on NaN / inf.
+    ``block``: rows per read; by default as many as fit in :data:`SCAN_BYTES`, so memory
+    stays bounded whatever the size of a row."""
+    if block is None:
+        row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
+        block = max(1, SCAN_BYTES // max(1, row_bytes))
     lo, hi = np.inf, -np.inf
     for i in range(start, stop, block):
         chunk = source.read(i, min(stop, i + block))
@@ -212,11 +250,41 @@ def scan_range(source: ArraySource, start: int, stop: int, block: int = 4096):
     return lo, hi
 
 
+#: The pixel range of each scale, and how far past it a value may lie (a share of its
+#: width: float rounding of images normalised elsewhere, such as 1.0000001 in [0, 1]).
+SCALE_RANGES = {"uint8": (0.0, 255.0), "unit": (0.0, 1.0), "centered": (-0.5, 0.5)}
+SCALE_SLACK = 1e-3
+
+
 def choose_scale(dtype: np.dtype, lo: float, hi: float) -> str:
-    """The rce_fast.data rule: uint8 (0..255), unit ([0, 1]) or centred ([-0.5, 0.5])."""
-    if dtype == np.uint8 or hi > 1.0:
+    """The ``auto`` rule: uint8 (0..255) for uint8 data or values past [0, 1] (plus
+    :data:`SCALE_SLACK`), else centred ([-0.5, 0.5]) when a value is negative, else unit
+    ([0, 1])."""
+    if dtype == np.uint8 or hi > 1.0 + SCALE_SLACK:
         return "uint8"
     return "centered" if lo < 0 else "unit"
+
+
+def resolve_scale(scale: str, dtype: np.dtype, lo: float, hi: float, where: str) -> str:
+    """``scale`` (``auto`` resolved by :func:`choose_scale`) after checking that the pixels,
+    from ``lo`` to ``hi``, lie in its range: a ValueError naming ``where`` otherwise (a
+    [-1, 1] or a 12-bit image would be scored as something it is not)."""
+    if scale != "auto" and scale not in SCALE_RANGES:
+        raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        if lo > hi:  # no pixel at all (min over nothing)
+            return scale if scale != "auto" else choose_scale(np.dtype(dtype), 0.0, 0.0)
+        raise ValueError(f"{where}: the images hold NaN or inf values")
+    chosen = choose_scale(np.dtype(dtype), lo, hi) if scale == "auto" else scale
+    low, high = SCALE_RANGES[chosen]
+    slack = SCALE_SLACK * (high - low)
+    if lo < low - slack or hi > high + slack:
+        how = "auto-detected " if scale == "auto" else ""
+        raise ValueError(
+            f"{where}: pixels range from {lo:g} to {hi:g}, outside the {how}{chosen} range "
+            f"[{low:g}, {high:g}]; supported: uint8 0..255, unit [0, 1], centered "
+            f"[-0.5, 0.5] (convert the images, or pass the scale that fits)")
+    return chosen
 
 
 def to_model_images(block: np.ndarray, scale: str, channels_last: bool) -> torch.Tensor:
@@ -226,10 +294,16 @@ def to_model_images(block: np.ndarray, scale: str, channels_last: bool) -> torch
         x = x[:, None]
     elif channels_last:
         x = x.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(scale_pixels(x, scale), dtype=np.float32))
+
+
+def scale_pixels(x: np.ndarray, scale: str) -> np.ndarray:
+    """float32 pixels of ``scale`` (uint8, unit or centered; checked by
+    :func:`resolve_scale`) mapped to [-0.5, 0.5], the rounding slack clipped off."""
     if scale == "uint8":
-        x = x / 255.0 - 0.5
+        x = x / np.float32(255.0) - np.float32(0.5)
     elif scale == "unit":
-        x = x - 0.5
+        x = x - np.float32(0.5)
     elif scale != "centered":
         raise ValueError(f"scale must be auto, uint8, unit or centered, got {scale!r}")
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return np.clip(x, -0.5, 0.5)

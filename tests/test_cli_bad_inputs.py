@@ -261,6 +261,11 @@ def test_same_shaped_other_data_gets_one_warning(files, capsys, command, tmp_pat
     (["evaluate", "--checkpoint", "c", "--bogus"], "unrecognized arguments"),
     (["nope"], "invalid choice"),
     ([], "required"),
+    (["fit-detector", "--checkpoint", "c", "--out", "o", "--seed", str(2 ** 64)], "--seed"),
+    (["fit-detector", "--checkpoint", "c", "--out", "o", "--seed", "-1"], "[0, 2**63 - 1)"),
+    (["train", "--out", "x.pt", "--seed", str(2 ** 63 - 1)], "--seed"),
+    (["attack", "--checkpoint", "c.pt", "--attack", "fgsm", "--out", "o.pt", "--seed", "-3"],
+     "--seed"),
 ])
 def test_argparse_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -102,6 +102,38 @@ def test_npz_layouts_and_errors(tmp_path):
         data.load_npz(tmp_path / "d.npz")
 
 
+def test_npz_pixels_outside_their_range_are_refused(tmp_path):
+    """The scale rule of `rce-fast detect` (rce_fast.streaming.resolve_scale): pixels that
+    fit none of uint8 0..255, [0, 1], [-0.5, 0.5] are refused, naming the file and the
+    split, not silently scaled; float rounding just past a range is clipped, not refused."""
+    rng = np.random.default_rng(3)
+    unit = rng.random((8, 6, 6)).astype(np.float32)
+    labels = np.arange(8) % 2
+
+    def load(x_test, scale="auto"):
+        np.savez(tmp_path / "e.npz", x_train=unit, y_train=labels, x_test=x_test,
+                 y_test=labels[:len(x_test)])
+        return data.load_npz(tmp_path / "e.npz", scale=scale)
+    with pytest.raises(data.DatasetError, match="x_test.*outside the auto-detected centered"):
+        load(unit * 2 - 1)                        # [-1, 1]
+    with pytest.raises(data.DatasetError, match="outside the auto-detected uint8"):
+        load((unit * 4095).astype(np.uint16))     # 12-bit
+    with pytest.raises(data.DatasetError, match="outside the centered range"):
+        load(unit, scale="centered")
+    with pytest.raises(data.DatasetError, match="integers or floats, got complex64"):
+        load(unit.astype(np.complex64))
+    bad = unit.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(data.DatasetError, match="e.npz \\(x_test\\): the images hold NaN"):
+        load(bad)
+    edge = unit.copy()
+    edge[0, 0, 0], edge[0, 0, 1] = 1.0000001, -1e-7   # rounding of a [0, 1] image
+    _, _, x_te, _ = load(edge, scale="unit")
+    assert x_te.max() == 0.5 and x_te.min() == -0.5
+    _, _, x_te, _ = load(np.clip(edge, 0, None))      # auto: still [0, 1], not uint8
+    assert x_te[0, 0, 0, 0] == 0.5
+
+
 def test_digits_and_dataset_dispatch():
     x_tr, y_tr, x_te, y_te = data.load_dataset("digits")
     assert x_tr.shape[1:] == (1, 8, 8) and len(x_tr) + len(x_te) == 1797

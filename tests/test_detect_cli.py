@@ -137,9 +137,27 @@ def test_adaptive_attacks_from_the_command_line(trained, capsys):
     (["attack", "--attack", "opgd"], "needs --detector"),
     (["attack", "--attack", "cw-wb", "--detector", "{lid}"], "cw-wb attacks the K-density"),
     (["detect", "--input", "{pt}", "--detector", "{other_model}"], "different model"),
+    # a damaged compressed member fails with its name, not zlib's traceback
+    (["detect", "--input", "{damaged}"], "damaged.npz: images.npy is corrupt"),
+    # pixels outside every supported range are refused, not scored as something else
+    (["detect", "--input", "{minus_one_to_one}"],
+     "outside the auto-detected centered range [-0.5, 0.5]"),
+    (["detect", "--input", "{twelve_bit}"], "outside the auto-detected uint8 range [0, 255]"),
+    (["detect", "--input", "{u8}", "--scale", "unit"], "from 0 to 255, outside the unit range"),
+    (["detect", "--input", "{complex}"], "must hold integers or floats, got complex64"),
+    # a detector without a fingerprint, fitted on other classes: refused before any work
+    (["detect", "--input", "{pt}", "--detector", "{three_classes}"],
+     "does not fit --checkpoint"),
+    (["detect", "--input", "{pt}", "--detector", "{twelve_classes}"],
+     "the model has 10 classes but the detector's bank has 12"),
+    (["detect", "--input", "{pt}", "--out", "{pt}"], "would replace that input"),
+    (["detect", "--input", "{pt}", "--out", "{ckpt}"], "is also --checkpoint"),
+    (["detect", "--input", "{pt}", "--out", "{long_name}"], "choose a shorter --out name"),
+    (["detect", "--input", "{pt}", "--out", "{too_long_name}"], "cannot be"),
 ])
 def test_user_errors_are_one_line_and_exit_2(trained, capsys, argv, message):
     root, ckpt, files, x, _ = trained
+    _bad_inputs(root, ckpt, x)
     nan = x[:5].clone().numpy()
     nan[2, 0, 3, 3] = np.nan
     np.save(root / "nan.npy", nan)
@@ -152,7 +170,9 @@ def test_user_errors_are_one_line_and_exit_2(trained, capsys, argv, message):
     torch.save(payload, other_path)
     fill = {"pt": root / "imgs10.pt", "nan": root / "nan.npy",
             "bad_shape": root / "bad_shape.npy", "lid": files["lid"],
-            "other_model": other_path}
+            "other_model": other_path, "ckpt": ckpt, "long_name": root / ("a" * 250),
+            "too_long_name": root / ("a" * 300)}
+    fill.update({k: root / v for k, v in _BAD_INPUTS.items()})
     argv = [a.format(**fill) for a in argv]
     command = argv[0]
     rest = argv[1:]
@@ -160,7 +180,9 @@ def test_user_errors_are_one_line_and_exit_2(trained, capsys, argv, message):
     if command == "detect":
         if "--detector" not in rest:
             base += ["--detector", str(files["kdensity"])]
-        base += ["--out", str(root / "err.npz"), "--quiet"]
+        if "--out" not in rest:
+            base += ["--out", str(root / "err.npz")]
+        base += ["--quiet"]
     else:
         base += ["--n", "4", "--out", str(root / "err.pt")]
     capsys.readouterr()
@@ -169,6 +191,42 @@ def test_user_errors_are_one_line_and_exit_2(trained, capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1, err
     assert not (root / "err.npz").exists() and not (root / ".err.npz.parts").exists()
     assert other.kind == "kdensity"
+    assert not list(root.glob(".*.parts")) and not list(root.glob("*tmp*"))
+    assert (root / "imgs10.pt").is_file() and load_classifier(ckpt) is not None
+
+
+_BAD_INPUTS = {"damaged": "damaged.npz", "minus_one_to_one": "pm1.npy",
+               "twelve_bit": "u16.npy", "u8": "u8.npy", "complex": "complex.npy",
+               "three_classes": "kd3.pt", "twelve_classes": "kd12.pt"}
+
+
+def _bad_inputs(root, ckpt, x):
+    """The files of _BAD_INPUTS in ``root`` (made once)."""
+    if (root / "kd12.pt").exists():
+        return
+    from rce_fast import KDensityDetector
+    imgs = x[:40].numpy()
+    rng = np.random.default_rng(0)
+    np.savez_compressed(root / "damaged.npz",
+                        images=rng.uniform(0, 1, (400, 1, 8, 8)).astype(np.float32))
+    info = zipfile.ZipFile(root / "damaged.npz").getinfo("images.npy")
+    raw = bytearray((root / "damaged.npz").read_bytes())
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + \
+        info.compress_size // 2
+    raw[at] ^= 0xFF
+    (root / "damaged.npz").write_bytes(bytes(raw))
+    np.save(root / "pm1.npy", imgs * 2)
+    np.save(root / "u16.npy", ((imgs + 0.5) * 4095).astype(np.uint16))
+    np.save(root / "u8.npy", ((imgs + 0.5) * 255).round().astype(np.uint8))
+    np.save(root / "complex.npy", imgs.astype(np.complex64))
+    model = load_classifier(ckpt)
+    with torch.no_grad():
+        feats = model.features(x[:120])
+    for classes, name in ((3, "kd3.pt"), (12, "kd12.pt")):
+        det = KDensityDetector(per_class=5, seed=0).fit(
+            feats, torch.arange(len(feats)) % classes, num_classes=classes)
+        det.threshold = -3.0
+        det.save(root / name)
 
 
 def test_block_readers(tmp_path):
@@ -200,6 +258,31 @@ def test_block_readers(tmp_path):
     with pytest.raises(ValueError, match="holds \\['a', 'b'\\]"):
         np.savez(tmp_path / "two.npz", a=a, b=a)
         open_array(tmp_path / "two.npz")
+    # a tensor saved while it required grad is read like any other
+    torch.save({"x_adv": torch.from_numpy(a).requires_grad_(True)}, tmp_path / "g.pt")
+    assert np.array_equal(open_array(tmp_path / "g.pt").read(0, 7), a)
+
+
+def test_the_range_scan_reads_bounded_blocks(tmp_path, monkeypatch):
+    """The pre-scan (min, max, NaN) reads at most SCAN_BYTES of rows at a time, whatever
+    the row size, and finds the range and the first bad row across block edges."""
+    from rce_fast import streaming
+    a = np.random.default_rng(0).uniform(-0.5, 0.5, (50, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    src = open_array(tmp_path / "a.npy")
+    sizes = []
+    real = src.read
+    src.read = lambda i, j: sizes.append(j - i) or real(i, j)
+    monkeypatch.setattr(streaming, "SCAN_BYTES", 7 * a[0].nbytes + 5)
+    assert streaming.scan_range(src, 3, 50) == (float(a[3:].min()), float(a[3:].max()))
+    assert max(sizes) == 7 and sum(sizes) == 47
+    monkeypatch.setattr(streaming, "SCAN_BYTES", 1)  # a row larger than the block: 1 row
+    sizes.clear()
+    a[33, 2, 5, 5] = np.inf
+    np.save(tmp_path / "a.npy", a)
+    src = open_array(tmp_path / "a.npy")
+    with pytest.raises(ValueError, match="row 33"):
+        streaming.scan_range(src, 0, 50)
 
 
 def test_detect_under_torchrun_writes_one_merged_file(trained):
@@ -278,6 +361,63 @@ def test_detect_stopped_and_continued_gives_the_uninterrupted_file(trained, monk
     assert "continuing: 256 of 300 inputs" in capsys.readouterr().out
     assert not parts.exists()
     _assert_same_npz(full, out)
+
+
+def test_detect_scans_its_input_once_across_stops(trained, monkeypatch, capsys):
+    """The pixel range found by the first run is kept with its progress: a continued run
+    does not read the whole input again before scoring (on a large input under a short
+    time budget that pass alone could use the budget up)."""
+    from rce_fast import streaming
+    root, ckpt, files, x, _ = trained
+    np.save(root / "scan.npy", x[:200].numpy())
+    base = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "scan.npy"), "--batch-size", "64", "--quiet"]
+    scans = []
+    real = streaming.scan_range
+    monkeypatch.setattr(streaming, "scan_range",
+                        lambda *a, **k: scans.append(a[1:3]) or real(*a, **k))
+    out = root / "scan.npz"
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_after=1)
+        assert main([*base, "--out", str(out)]) == 3
+    assert scans == [(0, 200)]
+    assert main([*base, "--out", str(out)]) == 0 and scans == [(0, 200)]
+    assert not (root / ".scan.npz.parts").exists()
+    assert main([*base, "--out", str(root / "scan_full.npz")]) == 0
+    _assert_same_npz(out, root / "scan_full.npz")
+    with monkeypatch.context() as m:
+        _budget_factory(m, max_chunk=1, stop_after=1)
+        assert main([*base, "--out", str(out)]) == 3
+    assert len(scans) == 3
+    np.save(root / "scan.npy", x[:200].numpy() * 0.5)  # other pixels: scanned anew
+    assert main([*base, "--out", str(out), "--restart"]) == 0
+    assert len(scans) == 4
+
+
+def test_a_failed_merge_leaves_no_temporary_file(trained, monkeypatch, capsys):
+    """The merged .npz is written through a temporary file that is removed when the write
+    fails (a full disk, here), and the error names --out; the scores stay in the parts,
+    so the same command finishes once there is room."""
+    import errno
+
+    from numpy.lib import format as npy
+    root, ckpt, files, x, _ = trained
+    np.save(root / "merge.npy", x[:70].numpy())
+    args = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(root / "merge.npy"), "--out", str(root / "merge.npz"), "--quiet"]
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(npy, "write_array_header_2_0", full)
+        capsys.readouterr()
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "No space left on device" in err
+    assert not (root / "merge.npz").exists()
+    assert not [p for p in root.iterdir() if "merge.npz" in p.name and "tmp" in p.name]
+    assert _done(root / ".merge.npz.parts") == 70
+    assert main(args) == 0 and not (root / ".merge.npz.parts").exists()
 
 
 def test_detect_stops_on_sigterm_and_refuses_other_settings(trained, monkeypatch, capsys):
@@ -428,7 +568,7 @@ _cli_detect._PROGRESS_SECONDS = 0.0       # record after every block
 real, calls = detect.score_inputs, []
 def score_inputs(*a, **k):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == 4:  # the third block (the first call checks the detector fits)
         os.kill(os.getpid(), signal.SIGKILL)   # no handler, no finally: killed outright
     return real(*a, **k)
 detect.score_inputs = score_inputs

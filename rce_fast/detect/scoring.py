@@ -74,6 +74,12 @@ def score_inputs(model, detector, x: Tensor) -> tuple[Tensor, Tensor]:
                 raise TypeError("K-density needs the model's features: pass a module with "
                                 "logits_and_features(x), such as rce_fast.models.Classifier")
             logits, feats = fn(x)
+            bank_classes = detector.index.num_classes if detector.index is not None else None
+            if bank_classes is not None and logits.dim() == 2 and \
+                    logits.shape[1] != bank_classes:
+                raise ValueError(f"the model has {logits.shape[1]} classes but the "
+                                 f"detector's bank has {bank_classes}: it was fitted with "
+                                 "another model")
             return logits, detector.score(feats, logits.argmax(1))
         return detector.score_inputs(model, x)
 
