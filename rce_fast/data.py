@@ -9,6 +9,7 @@ import gzip
 import math
 import numbers
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,15 @@ def read_idx(path: Path) -> np.ndarray:
         if body.size != int(np.prod(dims)):
             raise ValueError(f"holds {body.size} values, its header says {dims}")
         return body.reshape(dims)
-    except (OSError, ValueError, struct.error, EOFError) as exc:
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as exc:
         raise DatasetError(f"corrupt or unreadable IDX file {path}: {exc}") from exc
+
+
+def _check_labels(labels: np.ndarray, classes: int, what: str) -> None:
+    """DatasetError naming ``what`` when a label is outside [0, classes)."""
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels[(labels < 0) | (labels >= classes)][0]
+        raise DatasetError(f"{what}: label {int(bad)} is outside 0..{classes - 1}")
 
 
 def load_mnist(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +78,7 @@ def load_mnist(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(f"MNIST {split} files under {root} disagree: images "
                            f"{images.shape}, labels {labels.shape}")
+    _check_labels(labels, 10, f"MNIST labels file {_find(root, lab_stem)}")
     x = torch.from_numpy(images.astype(np.float32) / 255.0 - 0.5).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -77,11 +86,36 @@ def load_mnist(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
-def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 from its python batches (``cifar-10-batches-py``, or a folder holding it):
-    images (N, 3, 32, 32) float32 in [-0.5, 0.5], labels (N,)."""
+#: What a CIFAR-10 python batch may build when unpickled: NumPy arrays, dtypes and
+#: scalars (the module moved in NumPy 2), and bytes as Python 3 pickles them at protocol
+#: 2 (``_codecs.encode``, as torch's weights-only unpickler also allows): nothing that
+#: can run code.
+_CIFAR_PICKLE_GLOBALS = {(m, name) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                         for name in ("_reconstruct", "scalar")} | \
+    {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
+    {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+def _load_cifar_batch(path: Path):
+    """Unpickle a CIFAR-10 batch allowing only the NumPy constructors a batch uses: a
+    crafted file cannot run code (plain pickle.load would run whatever it names)."""
     import pickle
 
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _CIFAR_PICKLE_GLOBALS:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 "
+                                         "batch does not hold (refused: it could run code)")
+
+    with open(path, "rb") as f:
+        return _Restricted(f, encoding="bytes").load()
+
+
+def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``, or a folder holding it):
+    images (N, 3, 32, 32) float32 in [-0.5, 0.5], labels (N,) in 0..9. The batches are
+    unpickled with only NumPy's array constructors allowed."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
@@ -94,8 +128,7 @@ def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor
             raise DatasetError(f"CIFAR-10 file {path} not found; expected the python batches "
                                f"{CIFAR_FILES} in {folder} (cifar-10-python.tar.gz, unpacked)")
         try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+            batch = _load_cifar_batch(path)
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(batch[b"labels"], dtype=np.int64)
         except Exception as exc:  # pickle, key or shape errors: a corrupt file
@@ -103,6 +136,7 @@ def load_cifar10(root, split: str = "train") -> tuple[torch.Tensor, torch.Tensor
         if len(data) != len(labels):
             raise DatasetError(f"corrupt CIFAR-10 batch {path}: {len(data)} images, "
                                f"{len(labels)} labels")
+        _check_labels(labels, 10, f"CIFAR-10 batch {path}")
         xs.append(data)
         ys.append(labels)
     x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0 - 0.5)
@@ -187,6 +221,9 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
                                         ("x_train", "x_test")[i // 2]))
     if len(out[0]) != len(out[1]) or len(out[2]) != len(out[3]):
         raise DatasetError(f"{path}: images and labels have different lengths")
+    if len(out[0]) and len(out[2]) and out[0].shape[1:] != out[2].shape[1:]:
+        raise DatasetError(f"{path}: train images are {tuple(out[0].shape[1:])} (C, H, W) "
+                           f"but test images are {tuple(out[2].shape[1:])}")
     return tuple(out)
 
 

@@ -49,6 +49,22 @@ def test_mnist_corrupt_and_bad_split(tmp_path):
 
 
 @pytest.mark.mnist
+def test_mnist_damaged_gzip_and_labels_out_of_range(tmp_path):
+    imgs = np.random.default_rng(4).integers(0, 256, (300, 28, 28))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs, True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(300) % 10, True)
+    assert data.load_mnist(tmp_path, "test")[1].max() == 9
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.r_[np.arange(299) % 10, 200], True)
+    with pytest.raises(data.DatasetError, match="t10k-labels.*label 200 is outside 0..9"):
+        data.load_mnist(tmp_path, "test")
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[200:400] = bytes(b ^ 0xFF for b in raw[200:400])  # deflate data, not the header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DatasetError, match="t10k-images-idx3-ubyte.gz"):
+        data.load_mnist(tmp_path, "test")
+
+
 def test_real_mnist_when_present():
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("real MNIST not present in ../shared/data/mnist")
@@ -71,6 +87,22 @@ def test_cifar10_batches(tmp_path):
     assert x.shape == (20, 3, 32, 32) and y.shape == (20,)
     xt, _ = data.load_cifar10(folder, "test")
     assert xt.shape == (4, 3, 32, 32) and -0.5 <= xt.min() and xt.max() <= 0.5
+    batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(data.DatasetError, match="data_batch_2: label 10 is outside 0..9"):
+        data.load_cifar10(tmp_path, "train")
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Crafted()}))
+    with pytest.raises(data.DatasetError, match="data_batch_2.*io.open|data_batch_2.*open"):
+        data.load_cifar10(tmp_path, "train")
+    assert not marker.exists()  # refused before anything it names could run
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}, f)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(data.DatasetError, match="data_batch_3"):
         data.load_cifar10(tmp_path, "train")
@@ -97,6 +129,10 @@ def test_npz_layouts_and_errors(tmp_path):
         data.load_npz(tmp_path / "c.npz")
     with pytest.raises(data.DatasetError, match="not found"):
         data.load_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "s.npz", x_train=unit, y_train=np.arange(6),
+             x_test=rng.random((2, 7, 7)).astype(np.float32), y_test=np.arange(2))
+    with pytest.raises(data.DatasetError, match="train images are \\(1, 5, 5\\).*\\(1, 7, 7\\)"):
+        data.load_npz(tmp_path / "s.npz")
     np.savez(tmp_path / "d.npz", images=unit, labels=np.full(6, -1))
     with pytest.raises(data.DatasetError, match="labels"):
         data.load_npz(tmp_path / "d.npz")
