@@ -161,8 +161,13 @@ class _Sampler:
         return {"g": self.g.get_state(), "perm": self.perm, "pos": self.pos}
 
     def load(self, state: dict) -> None:
+        """Continue the saved order; a run forced on with a training set of another size
+        (``force_resume``) starts a fresh epoch over the new set from the saved generator
+        (the old order would draw short or empty batches, or indices past its end)."""
         self.g.set_state(state["g"])
-        self.perm, self.pos = state["perm"], state["pos"]
+        self.perm, self.pos = state["perm"], int(state["pos"])
+        if len(self.perm) != self.n or not 0 <= self.pos <= self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
         self._on_device = self.perm.to(self.device)
 
 

@@ -490,6 +490,36 @@ def test_training_refuses_to_continue_with_other_settings(tmp_path, small_digits
     assert hist["step"] == [0, 1]
 
 
+@pytest.mark.parametrize("n_new", [300, 120])
+def test_forced_on_with_another_training_set_draws_full_batches(tmp_path, small_digits,
+                                                                monkeypatch, n_new):
+    """--force-resume with a training set of another size: the saved order was of the old
+    set (with more images, batches came out short and then empty; with fewer, indices ran
+    past its end). The run starts a fresh epoch over the new set from the saved generator
+    and every batch is full."""
+    from rce_fast import train as T
+    x, y = small_digits
+    path = tmp_path / "m.pt"
+    cfg = TrainConfig(**{**BASE, "batch_size": 64}, checkpoint=str(path))
+    with pytest.raises(StopRequested):
+        train(cfg, x[:200], y[:200], budget=Budget(stop_after=1, max_chunk=2))
+    drawn = []
+    real = T._Sampler.next
+
+    def spy(self, batch):
+        out = real(self, batch)
+        drawn.append(out.clone())
+        return out
+    monkeypatch.setattr(T._Sampler, "next", spy)
+    train(cfg, x[:n_new], y[:n_new], force_resume=True)
+    assert len(drawn) == BASE["steps"] - 2
+    assert all(len(d) == 64 for d in drawn)
+    seen = torch.cat(drawn)
+    assert int(seen.min()) >= 0 and int(seen.max()) < n_new
+    first_epoch = torch.cat(drawn)[:n_new]   # a permutation of the new set
+    assert torch.equal(first_epoch.sort().values, torch.arange(n_new))
+
+
 def test_finished_compact_checkpoint_holds_no_optimizer(tmp_path, small_digits):
     x, y = small_digits
     path = tmp_path / "m.pt"
