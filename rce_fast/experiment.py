@@ -260,8 +260,58 @@ def _save_adversarial(path: Path, adv: Tensor, x: Tensor, info, seconds: float) 
 
 
 def _load_adversarial(path: Path, x: Tensor) -> tuple[Tensor, dict]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return unpack_like(saved["x_adv"], x), saved["info"]
+    """The examples and info stored by :func:`_save_adversarial` for the images ``x``;
+    ValueError naming the file when it cannot be read or holds examples of other images
+    (another ``n_attack``, say)."""
+    from ._io import safe_torch_load
+    saved = safe_torch_load(path, "adversarial examples of this run")
+    try:
+        packed, info = saved["x_adv"], saved["info"]
+        shape = tuple(int(d) for d in packed["shape"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path} does not hold adversarial examples of this run") from None
+    if shape != tuple(x.shape):
+        raise ValueError(f"{path} holds examples of shape {shape}, this run attacks images "
+                         f"of shape {tuple(x.shape)}")
+    try:
+        return unpack_like(packed, x), info
+    except Exception as exc:  # zlib, codec or size errors: a damaged payload
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
+
+
+def _redo_unreadable_units(cfg, run, x_tr: Tensor, x_att: Tensor, log) -> None:
+    """Before any work: every finished unit whose adversarial examples will be read again
+    is checked; one whose file is damaged (a cut copy of the state folder) or holds
+    examples of other images (``n_attack`` changed under force_resume) is dropped, its
+    file removed, and redone, instead of failing at the report after all other work.
+    A model's defense table, computed from those examples, is redone with them."""
+    def check(key: str, path: Path, ref: Tensor) -> bool:
+        if key not in run.units:
+            return False
+        try:
+            _load_adversarial(path, ref)
+            return False
+        except (ValueError, OSError) as exc:
+            log(f"note: {str(exc).splitlines()[0]}; redoing {key}")
+            path.unlink(missing_ok=True)
+            del run.units[key]
+            return True
+
+    for obj in ("ce", "rce"):
+        folder = run.out / "adversarial"
+        redone = [check(f"{obj}/{name}", folder / f"{obj}_{ATTACK_SLUGS[name]}.pt", x_att)
+                  for name in ATTACKS]
+        if f"{obj}/defense" in run.units and any(redone):
+            log(f"note: redoing {obj}/defense (its attacks are redone)")
+            del run.units[f"{obj}/defense"]
+        if f"{obj}/defense" in run.units:
+            continue  # its inputs below are not read again
+        check(f"{obj}/baseline-fit", folder / f"{obj}_fit-bim.pt",
+              x_tr[:min(cfg.baseline_fit_n, len(x_tr))])
+        rows = DT.adaptive_rows(cfg, len(x_att))
+        for name in DT.ADAPTIVE_ATTACKS:
+            check(f"{obj}/{name}", folder / f"{obj}_{DT.ADAPTIVE_SLUGS[name]}.pt", x_att[rows])
+    run.save()
 
 
 # -------------------------------------------------------------------------- the run
@@ -325,6 +375,7 @@ def _pipeline(cfg, run: _RunState, budget: Budget, device, data, log, force_resu
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     n = min(cfg.n_attack, len(x_te))
     x_att, y_att = x_te[:n], y_te[:n]
+    _redo_unreadable_units(cfg, run, x_tr, x_att, log)
     xa = x_att.to(device)
     pass_seconds: dict[str, float] = {}
 
@@ -388,9 +439,10 @@ def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, x_a
         log(f"[{objective}] loaded {cfg.checkpoints[objective]}")
     else:
         bounds, values = scaled_schedule(cfg.dataset, cfg.steps)
+        amp = _amp_as_begun(run.out / f"{objective}.pt", device.type == "cuda", log)
         tcfg = TrainConfig(objective=objective, model=cfg.model, steps=cfg.steps,
                            lr_boundaries=bounds, lr_values=values, seed=cfg.seed,
-                           augment=cfg.dataset == "cifar10", amp=device.type == "cuda",
+                           augment=cfg.dataset == "cifar10", amp=amp,
                            checkpoint=str(run.out / f"{objective}.pt"),
                            checkpoint_every=max(100, cfg.steps // 10),
                            progress=cfg.progress)
@@ -403,6 +455,25 @@ def _train_unit(cfg, run, budget, device, objective, x_tr, y_tr, x_te, y_te, x_a
     run.record(key, {"seconds": seconds, "test_error": error})
     log(f"[{objective}] test error {error:.2f}% (trained in {seconds:.0f}s)")
     return model
+
+
+def _amp_as_begun(checkpoint: Path, default: bool, log) -> bool:
+    """bf16 autocast is on for training on CUDA; a run that began on another kind of
+    device keeps the setting it began with (else the checkpoint, written with the other
+    setting, would be refused as a run of other settings when a state folder moves
+    between a CPU and a GPU machine). It only acts on CUDA either way."""
+    if not checkpoint.is_file():
+        return default
+    from ._io import safe_torch_load
+    try:
+        saved = bool(safe_torch_load(checkpoint, "a training checkpoint",
+                                    mmap=True)["config"]["amp"])
+    except (ValueError, OSError, KeyError, TypeError):
+        return default  # train() reports an unreadable checkpoint itself
+    if saved != default:
+        log(f"note: {checkpoint.name} began with amp={saved} (bf16 autocast on CUDA); its "
+            "training continues so")
+    return saved
 
 
 def _detector_unit(cfg, run, budget, device, objective, model, x_tr, y_tr, x_att,
@@ -449,10 +520,16 @@ def _attack_unit(cfg, run, budget, device, objective, name, fn, model, xa, x_att
         settings = _attack_settings(cfg, name, len(xa))
         saved, before = None, 0.0
         if partial.is_file():
-            state = torch.load(partial, map_location="cpu", weights_only=True)
-            if state.get("settings") == settings:
-                saved, before = state["state"], float(state["seconds"])
-            else:
+            from ._io import safe_torch_load
+            try:
+                state = safe_torch_load(partial, "a stopped attack's state")
+                if not isinstance(state, dict) or state.get("settings") != settings:
+                    state = None
+                else:
+                    saved, before = state["state"], float(state["seconds"])
+            except (ValueError, OSError, KeyError, TypeError):  # damaged: start it over
+                state = None
+            if state is None:
                 partial.unlink()
         _sync(device)
         t0 = time.perf_counter()

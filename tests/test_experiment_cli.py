@@ -459,6 +459,93 @@ def test_a_folder_with_another_run_is_refused_unless_forced_or_restarted(tiny_ru
     assert state["units"] == {} and state["settings"]["cw_steps"] == 30
 
 
+def test_damaged_kept_files_are_redone_not_fatal_at_the_report(tiny_run, tmp_path):
+    """A state folder copied in parts can arrive cut: a damaged file of a finished attack
+    is found before any work, dropped and redone (with the defense table built on it),
+    and a damaged partial C&W state is started over; the results are the uninterrupted
+    run's. Before, a cut attack file failed with a raw error at the report, after all
+    other work, and a cut partial state with an OSError naming no file."""
+    import shutil
+
+    from rce_fast.resume import Budget, StopRequested
+
+    out0, straight, _ = tiny_run
+    out = tmp_path / "copy"
+    shutil.copytree(out0, out)
+    fgsm = out / "adversarial" / "ce_fgsm.pt"
+    fgsm.write_bytes(fgsm.read_bytes()[:len(fgsm.read_bytes()) // 2])
+    opgd = out / "adversarial" / "rce_opgd.pt"   # read only by a defense table to build
+    opgd.write_bytes(b"")
+    lines = []
+    again = run_experiment(_tiny_cfg(out), log=lines.append)
+    assert any("ce_fgsm.pt" in line and "redoing ce/FGSM" in line for line in lines), lines
+    assert any("redoing ce/defense" in line for line in lines)
+    assert not any("rce/OPGD" in line for line in lines)
+    assert _comparable(again) == _comparable(straight)
+    assert again["defense"]["models"] == straight["defense"]["models"]
+    # a partial C&W state cut in half: that attack starts over, with the same result
+    run = tmp_path / "run"
+    with pytest.raises(StopRequested):
+        run_experiment(_tiny_cfg(run), log=lambda s: None,
+                       budget=Budget(max_chunk=8, chunk_seconds=float("inf"),
+                                     stop_if=_nth("C&W", 2)))
+    partial = run / "partial" / "ce_cw.pt"
+    partial.write_bytes(partial.read_bytes()[:len(partial.read_bytes()) // 2])
+    assert _comparable(run_experiment(_tiny_cfg(run), log=lambda s: None)) == \
+        _comparable(straight)
+
+
+def test_training_begun_on_a_gpu_continues_on_a_cpu(tmp_path):
+    """amp (bf16 autocast) is on for training on CUDA; a state folder stopped during
+    training on a GPU and continued on a CPU keeps the setting it began with, instead of
+    having its own checkpoint refused as a run of other settings."""
+    from rce_fast.resume import Budget, StopRequested
+
+    out = tmp_path / "run"
+    with pytest.raises(StopRequested):
+        run_experiment(_tiny_cfg(out), log=lambda s: None,
+                       budget=Budget(max_chunk=8, chunk_seconds=float("inf"),
+                                     stop_if=_nth("train resnet8 batch 128", 2)))
+    state = torch.load(out / "ce.pt", weights_only=True)
+    state["config"]["amp"] = True       # as a CUDA session writes it
+    torch.save(state, out / "ce.pt")
+    lines = []
+    with pytest.raises(StopRequested):   # past the point of the refusal, then stopped
+        run_experiment(_tiny_cfg(out), log=lines.append,
+                       budget=Budget(max_chunk=8, chunk_seconds=float("inf"),
+                                     stop_if=_nth("train resnet8 batch 128", 2)))
+    assert any("ce.pt began with amp=True" in line for line in lines), lines
+    assert torch.load(out / "ce.pt", weights_only=True)["step"] == 16
+
+
+def test_forced_on_with_another_n_attack_redoes_the_attacks(tiny_run, tmp_path):
+    """--force-resume with another n_attack keeps the models and detectors and redoes
+    every attack on the new images (before, it failed at the report with a raw size
+    mismatch after all other work)."""
+    import shutil
+
+    out0, _, _ = tiny_run
+    out = tmp_path / "copy"
+    shutil.copytree(out0, out)
+    before = (out / "ce.pt").read_bytes()
+    lines = []
+    forced = run_experiment(_tiny_cfg(out, n_attack=30), log=lines.append,
+                            force_resume=True)
+    assert (out / "ce.pt").read_bytes() == before
+    from rce_fast._defense_table import ADAPTIVE_ATTACKS
+    # per model: the attacks, the defense table, and the adaptive attacks (other rows)
+    assert sum("redoing" in line for line in lines) == 2 * (len(ATTACKS) + 1 +
+                                                            len(ADAPTIVE_ATTACKS))
+    fresh = run_experiment(_tiny_cfg(tmp_path / "fresh", n_attack=30), log=lambda s: None)
+    for obj in ("ce", "rce"):
+        for name in ATTACKS:
+            a, b = forced["models"][obj]["attacks"][name], fresh["models"][obj]["attacks"][name]
+            # NaN (no pair) compares equal as JSON text
+            assert json.dumps(a["auc"]) == json.dumps(b["auc"]), (obj, name)
+            assert a["pairs"] == b["pairs"], (obj, name)
+    assert json.dumps(forced["defense"]["models"]) == json.dumps(fresh["defense"]["models"])
+
+
 @pytest.mark.parametrize("argv", [
     ["demo", "--out", "{f}/sub"],
     ["reproduce", "--dataset", "mnist", "--data-dir", "x", "--out", "{f}"],
