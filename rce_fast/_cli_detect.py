@@ -550,8 +550,11 @@ def _detect_shard(args, world: int, rank: int, out: Path, parts_dir: Path, budge
     try:
         input_id = _file_id(args.input, False)
         if not (source.dtype == np.uint8 and args.scale in ("auto", "uint8")):
+            stat = os.stat(args.input)  # the id samples the file: also its time stamp,
+            # so pixels changed in place between the samples are scanned again
             lo, hi = _pixel_range(source, start, stop, parts_dir / f"rank{rank}_range.json",
-                                  {"input": input_id, "key": args.key})
+                                  {"input": input_id, "key": args.key,
+                                   "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino})
     except (OSError, ValueError) as exc:
         error = exc
     _raise_if_any(world, error, "checking its part of the input")

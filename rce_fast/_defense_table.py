@@ -176,7 +176,10 @@ def _adaptive(cfg, run, budget, objective, name, model, det, x_att, y_att, devic
         estimate = passes(objective, model, per_step * steps * len(rows) / len(x_att))
         adv, info, seconds = budget.run_unit(f"attack {name}", estimate, work)
         save_adv(path, adv, x, info, seconds)
-        run.record(key, {"seconds": seconds, "threshold": threshold, "n": len(rows)})
+        # n_attack: the threshold was calibrated on the other half of these attacked
+        # images, so the examples belong to this number of them
+        run.record(key, {"seconds": seconds, "threshold": threshold, "n": len(rows),
+                         "n_attack": len(x_att)})
     return load_adv(path, x)[0]
 
 

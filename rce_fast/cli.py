@@ -342,6 +342,7 @@ def _run(args, budget) -> int:
 
     from .train import load_classifier_and_state
     if args.command == "evaluate" and args.json:  # before any work: fail fast on a bad --json
+        reads.update({f"--adversarial {p}": p for p in args.adversarial})
         check_output_file(args.json, "--json", reads)
     model, state = load_classifier_and_state(args.checkpoint, device)
     note = check_checkpoint_data(args, state, x_tr, y_tr, x_te, y_te)  # warned below

@@ -197,6 +197,7 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
 
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         parts = [member(k) for k in ("x_train", "y_train", "x_test", "y_test")]
+        names = ("x_train", "x_test")
     elif {"images", "labels"} <= keys:
         x, y = member("images"), member("labels")
         if len(x) != len(y):
@@ -205,6 +206,7 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
         perm = rng.permutation(len(x))
         cut = int(round(len(x) * (1 - test_fraction)))
         parts = [x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]]
+        names = ("images, train split", "images, test split")
     else:
         raise DatasetError(f"{path} holds {sorted(keys)}; expected x_train, y_train, x_test, "
                            f"y_test or images, labels")
@@ -217,8 +219,7 @@ def load_npz(path, test_fraction: float = 0.2, seed: int = 0, scale: str = "auto
                 raise DatasetError(f"{path}: labels must be a 1-d array of class indices >= 0")
             out.append(torch.from_numpy(arr.astype(np.int64)))
         else:
-            out.append(_to_model_images(np.asarray(arr), path, scale,
-                                        ("x_train", "x_test")[i // 2]))
+            out.append(_to_model_images(np.asarray(arr), path, scale, names[i // 2]))
     if len(out[0]) != len(out[1]) or len(out[2]) != len(out[3]):
         raise DatasetError(f"{path}: images and labels have different lengths")
     if len(out[0]) and len(out[2]) and out[0].shape[1:] != out[2].shape[1:]:

@@ -259,6 +259,10 @@ def _save_adversarial(path: Path, adv: Tensor, x: Tensor, info, seconds: float) 
     atomic_torch_save({"x_adv": pack_like(adv, x), "info": stored, "seconds": seconds}, path)
 
 
+class _OtherImages(ValueError):
+    """Stored adversarial examples of other images than this run's."""
+
+
 def _load_adversarial(path: Path, x: Tensor) -> tuple[Tensor, dict]:
     """The examples and info stored by :func:`_save_adversarial` for the images ``x``;
     ValueError naming the file when it cannot be read or holds examples of other images
@@ -271,8 +275,8 @@ def _load_adversarial(path: Path, x: Tensor) -> tuple[Tensor, dict]:
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path} does not hold adversarial examples of this run") from None
     if shape != tuple(x.shape):
-        raise ValueError(f"{path} holds examples of shape {shape}, this run attacks images "
-                         f"of shape {tuple(x.shape)}")
+        raise _OtherImages(f"{path} holds examples of shape {shape}, this run attacks "
+                           f"images of shape {tuple(x.shape)}")
     try:
         return unpack_like(packed, x), info
     except Exception as exc:  # zlib, codec or size errors: a damaged payload
@@ -284,17 +288,28 @@ def _redo_unreadable_units(cfg, run, x_tr: Tensor, x_att: Tensor, log) -> None:
     is checked; one whose file is damaged (a cut copy of the state folder) or holds
     examples of other images (``n_attack`` changed under force_resume) is dropped, its
     file removed, and redone, instead of failing at the report after all other work.
-    A model's defense table, computed from those examples, is redone with them."""
+    A model's defense table, computed from those examples, is redone with them, and so
+    are its adaptive attacks when the attacked images changed (their threshold was
+    calibrated on the other half of the attacked images, even where their own rows are
+    the same)."""
+    other_images = False
+
+    def drop(key: str, path: Path | None, why: str) -> None:
+        log(f"note: {why}; redoing {key}")
+        if path is not None:
+            path.unlink(missing_ok=True)
+        del run.units[key]
+
     def check(key: str, path: Path, ref: Tensor) -> bool:
+        nonlocal other_images
         if key not in run.units:
             return False
         try:
             _load_adversarial(path, ref)
             return False
         except (ValueError, OSError) as exc:
-            log(f"note: {str(exc).splitlines()[0]}; redoing {key}")
-            path.unlink(missing_ok=True)
-            del run.units[key]
+            other_images |= isinstance(exc, _OtherImages)
+            drop(key, path, str(exc).splitlines()[0])
             return True
 
     for obj in ("ce", "rce"):
@@ -302,15 +317,20 @@ def _redo_unreadable_units(cfg, run, x_tr: Tensor, x_att: Tensor, log) -> None:
         redone = [check(f"{obj}/{name}", folder / f"{obj}_{ATTACK_SLUGS[name]}.pt", x_att)
                   for name in ATTACKS]
         if f"{obj}/defense" in run.units and any(redone):
-            log(f"note: redoing {obj}/defense (its attacks are redone)")
-            del run.units[f"{obj}/defense"]
+            drop(f"{obj}/defense", None, f"the attacks of {obj} are redone")
         if f"{obj}/defense" in run.units:
             continue  # its inputs below are not read again
         check(f"{obj}/baseline-fit", folder / f"{obj}_fit-bim.pt",
               x_tr[:min(cfg.baseline_fit_n, len(x_tr))])
         rows = DT.adaptive_rows(cfg, len(x_att))
         for name in DT.ADAPTIVE_ATTACKS:
-            check(f"{obj}/{name}", folder / f"{obj}_{DT.ADAPTIVE_SLUGS[name]}.pt", x_att[rows])
+            key, path = f"{obj}/{name}", folder / f"{obj}_{DT.ADAPTIVE_SLUGS[name]}.pt"
+            if check(key, path, x_att[rows]) or key not in run.units:
+                continue
+            n_then = run.units[key].get("n_attack")  # older states: not recorded
+            if n_then != len(x_att) and (n_then is not None or other_images):
+                drop(key, path, f"{key} was attacked against a threshold calibrated on "
+                     f"{n_then or 'other'} attacked images, this run has {len(x_att)}")
     run.save()
 
 

@@ -259,10 +259,13 @@ SCALE_SLACK = 1e-3
 def choose_scale(dtype: np.dtype, lo: float, hi: float) -> str:
     """The ``auto`` rule: uint8 (0..255) for uint8 data or values past [0, 1] (plus
     :data:`SCALE_SLACK`), else centred ([-0.5, 0.5]) when a value is negative, else unit
-    ([0, 1])."""
+    ([0, 1]); negative values within the slack of 0 with values past 0.5 are rounding of
+    a [0, 1] image (they cannot be centred), so unit."""
     if dtype == np.uint8 or hi > 1.0 + SCALE_SLACK:
         return "uint8"
-    return "centered" if lo < 0 else "unit"
+    if lo < 0 and not (lo >= -SCALE_SLACK and hi > 0.5 + SCALE_SLACK):
+        return "centered"
+    return "unit"
 
 
 def resolve_scale(scale: str, dtype: np.dtype, lo: float, hi: float, where: str) -> str:

@@ -147,7 +147,9 @@ for _cmd in ("attack", "evaluate", "fit-detector", "attack-pgd"):  # not its tra
     CASES.append((_cmd, "--data-dir", "big_images.npz", "(1, 16, 16)"))
     CASES.append((_cmd, "--data-dir", "label_10.npz", "training label 10"))
 for _cmd in ("attack", "evaluate", "attack-pgd"):                  # they use the test split
-    CASES.append((_cmd, "--data-dir", "test_big.npz", "test split) has images of shape (1, 16"))
+    # refused by load_npz itself (train and test images must agree) before the checkpoint
+    CASES.append((_cmd, "--data-dir", "test_big.npz",
+                  "train images are (1, 8, 8) (C, H, W) but test images are (1, 16, 16)"))
     CASES.append((_cmd, "--data-dir", "test_label_10.npz", "test label 10"))
 CASES += [("fit-detector", "--data-dir", "five.npz", "no class 5, 6, 7, 8, 9 of the"),
           ("detect", "--input", "imgs_big.npy", "(1, 16, 16)"),
@@ -307,3 +309,12 @@ def test_evaluate_reads_adversarial_files_safely(files, tmp_path, capsys):
     assert main(argv + ["--adversarial", str(files / "adv.pt"), "--json",
                         str(tmp_path / "r.json")]) == 0
     assert (tmp_path / "r.json").is_file() and not list(tmp_path.glob(".*tmp"))
+    # --json may not be one of the --adversarial files it reads (it would replace it)
+    import shutil
+    shutil.copy(files / "adv.pt", tmp_path / "adv_copy.pt")
+    before = (tmp_path / "adv_copy.pt").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["--adversarial", str(files / "adv.pt"), str(tmp_path / "adv_copy.pt"),
+                        "--json", str(tmp_path / "adv_copy.pt")]) == 2
+    assert "is also --adversarial" in capsys.readouterr().err
+    assert (tmp_path / "adv_copy.pt").read_bytes() == before

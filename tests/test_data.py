@@ -166,8 +166,11 @@ def test_npz_pixels_outside_their_range_are_refused(tmp_path):
     edge[0, 0, 0], edge[0, 0, 1] = 1.0000001, -1e-7   # rounding of a [0, 1] image
     _, _, x_te, _ = load(edge, scale="unit")
     assert x_te.max() == 0.5 and x_te.min() == -0.5
-    _, _, x_te, _ = load(np.clip(edge, 0, None))      # auto: still [0, 1], not uint8
-    assert x_te[0, 0, 0, 0] == 0.5
+    _, _, x_auto, _ = load(edge)                       # auto: [0, 1], not uint8 or centred
+    assert torch.equal(x_auto, x_te)
+    np.savez(tmp_path / "f.npz", images=unit * 2 - 1, labels=labels)
+    with pytest.raises(data.DatasetError, match="f.npz \\(images, train split\\)"):
+        data.load_npz(tmp_path / "f.npz")
 
 
 def test_digits_and_dataset_dispatch():

@@ -394,6 +394,38 @@ def test_detect_scans_its_input_once_across_stops(trained, monkeypatch, capsys):
     assert len(scans) == 4
 
 
+def test_a_kept_pixel_range_is_not_reused_after_the_input_changed(trained, monkeypatch,
+                                                                   capsys):
+    """A run stopped right after its scan keeps the range (nothing scored yet). The input
+    is known by a sampled hash; pixels changed in place between its samples also change
+    the file's time stamp, which the kept range is keyed on too: the next run scans again
+    and refuses the new out-of-range pixel instead of clipping it."""
+    root, ckpt, files, x, _ = trained
+    big = np.random.default_rng(5).uniform(-0.5, 0.5, (24000, 1, 8, 8)).astype(np.float32)
+    path = root / "inplace.npy"
+    np.save(path, big)
+    args = ["detect", "--checkpoint", str(ckpt), "--detector", str(files["kdensity"]),
+            "--input", str(path), "--out", str(root / "inplace.npz"), "--quiet"]
+    with monkeypatch.context() as m:
+        _budget_factory(m, stop_after=0)
+        assert main(args) == 3
+    assert list((root / ".inplace.npz.parts").glob("rank0_range.json"))
+    # a pixel whose bytes lie outside every sample the file id hashes (_file_id)
+    size, header = path.stat().st_size, path.stat().st_size - big.nbytes
+    read = [(0, 1 << 20), (size - (1 << 20), size)] + \
+        [(size * k // 17, size * k // 17 + (1 << 16)) for k in range(1, 17)]
+    row = next(r for r in range(len(big))
+               if not any(a <= header + r * 256 + 108 < b for a, b in read))  # pixel (3, 3)
+    mm = np.load(path, mmap_mode="r+")
+    mm[row, 0, 3, 3] = 0.9
+    mm.flush()
+    del mm
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "pixels range from" in capsys.readouterr().err
+    assert not (root / ".inplace.npz.parts").exists()
+
+
 def test_a_failed_merge_leaves_no_temporary_file(trained, monkeypatch, capsys):
     """The merged .npz is written through a temporary file that is removed when the write
     fails (a full disk, here), and the error names --out; the scores stay in the parts,

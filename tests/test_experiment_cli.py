@@ -495,6 +495,61 @@ def test_damaged_kept_files_are_redone_not_fatal_at_the_report(tiny_run, tmp_pat
         _comparable(straight)
 
 
+def test_which_kept_units_are_redone(tmp_path):
+    """_redo_unreadable_units on a hand-made state: with other attacked images (another
+    n_attack), every paper attack and the defense table are redone, and so are the
+    adaptive attacks even where their rows are the same images (adaptive_n): their
+    threshold came from the other half of the old attacked set. With the same images,
+    only a damaged file's unit is redone, and a finished defense table keeps its inputs."""
+    import types
+
+    from rce_fast._defense_table import ADAPTIVE_ATTACKS, ADAPTIVE_SLUGS, adaptive_rows
+    from rce_fast.experiment import (ATTACK_SLUGS, _redo_unreadable_units,
+                                     _save_adversarial)
+
+    g = torch.Generator().manual_seed(0)
+    x_tr, x_old = torch.rand(50, 1, 4, 4, generator=g), torch.rand(40, 1, 4, 4, generator=g)
+    cfg = _tiny_cfg(tmp_path, adaptive_n=6, baseline_fit_n=20)
+
+    def state(x_att, defense: bool, record_n: bool = True):
+        run = types.SimpleNamespace(out=tmp_path, units={}, save=lambda: None)
+        for obj in ("ce", "rce"):
+            for name in ATTACKS:
+                _save_adversarial(tmp_path / "adversarial" / f"{obj}_{ATTACK_SLUGS[name]}.pt",
+                                  x_att + 0.01, x_att, None, 1.0)
+                run.units[f"{obj}/{name}"] = {}
+            rows = adaptive_rows(cfg, len(x_att))
+            for name in ADAPTIVE_ATTACKS:
+                _save_adversarial(tmp_path / "adversarial" / f"{obj}_{ADAPTIVE_SLUGS[name]}.pt",
+                                  x_att[rows], x_att[rows], None, 1.0)
+                run.units[f"{obj}/{name}"] = {"n_attack": len(x_att)} if record_n else {}
+            _save_adversarial(tmp_path / "adversarial" / f"{obj}_fit-bim.pt", x_tr[:20],
+                              x_tr[:20], None, 1.0)
+            run.units[f"{obj}/baseline-fit"] = {}
+            if defense:
+                run.units[f"{obj}/defense"] = {}
+        return run
+
+    x_new = x_old[:30]                                   # n_attack 40 -> 30
+    assert adaptive_rows(cfg, 40).tolist() == adaptive_rows(cfg, 30).tolist()  # same rows
+    for record_n in (True, False):
+        run, lines = state(x_old, defense=True, record_n=record_n), []
+        _redo_unreadable_units(cfg, run, x_tr, x_new, lines.append)
+        assert sorted(run.units) == ["ce/baseline-fit", "rce/baseline-fit"], lines
+    run, lines = state(x_old, defense=False), []           # same images: nothing redone
+    _redo_unreadable_units(cfg, run, x_tr, x_old, lines.append)
+    assert len(run.units) == 2 * (len(ATTACKS) + len(ADAPTIVE_ATTACKS) + 1) and not lines
+    run, lines = state(x_old, defense=True), []
+    (tmp_path / "adversarial" / "rce_opgd.pt").write_bytes(b"PK\x03\x04cut")  # not read
+    (tmp_path / "adversarial" / "ce_jsma.pt").write_bytes(b"")
+    _redo_unreadable_units(cfg, run, x_tr, x_old, lines.append)
+    assert "ce/JSMA" not in run.units and "ce/defense" not in run.units
+    assert "rce/OPGD" in run.units and "rce/defense" in run.units
+    assert all(f"ce/{a}" in run.units for a in ADAPTIVE_ATTACKS)  # same images: kept
+    assert not (tmp_path / "adversarial" / "ce_jsma.pt").exists()
+    assert len(lines) == 2 and "ce_jsma.pt" in lines[0]
+
+
 def test_training_begun_on_a_gpu_continues_on_a_cpu(tmp_path):
     """amp (bf16 autocast) is on for training on CUDA; a state folder stopped during
     training on a GPU and continued on a CPU keeps the setting it began with, instead of
