@@ -130,6 +130,16 @@ def check_device(device, name: str = "device") -> torch.device:
                         f"'cuda:0', got {type(device).__name__}")
     if dev.type == "meta":
         raise ValueError(f"{name} {str(dev)!r}: the meta device holds no data")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, xla, ...: one line, not torch's error
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        try:
+            ok = bool(available()) if callable(available) else False
+        except Exception:  # a backend that cannot even say
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} {str(dev)!r}: this PyTorch has no {dev.type} device "
+                             "available (expected cpu, cuda or cuda:N)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name} {str(dev)!r}: no CUDA device is available")

@@ -35,6 +35,28 @@ def _seed(text: str) -> int:
     return value
 
 
+def _fp32_scale(text: str) -> float:
+    """A scale used as float32 by the kernels (sigma2, C&W's c): [2**-126, 3.4e38]."""
+    value = float(text)
+    if not 2.0 ** -126 <= value <= 3.4028234663852886e38:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [2**-126, 3.4e38] (float32), got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 2.0 ** -126 <= value <= 2.0 ** 126:
+        raise argparse.ArgumentTypeError(f"must be in [2**-126, 2**126], got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < math.inf:
@@ -79,7 +101,7 @@ def add_commands(sub, dataset_help: str) -> None:
                    help="at most this many inputs to fit on (default: all the rest)")
     f.add_argument("--per-class", type=_positive_int, default=1000,
                    help="K-density: bank features per class (default: %(default)s)")
-    f.add_argument("--sigma2", type=_positive, default=None,
+    f.add_argument("--sigma2", type=_fp32_scale, default=None,
                    help="K-density width (default: the paper's for the objective)")
     f.add_argument("--kernel-points", type=_positive_int, default=100,
                    help="K-density: points per class of the C&W-wb median threshold "

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from . import _cli_detect
-from ._cli_detect import _non_negative as _eps, _positive_int, _seed  # one parser per rule
+from ._cli_detect import (_fp32_scale, _fraction, _non_negative as _eps,  # one parser
+                          _positive_int, _seed, _temperature)                # per rule
 
 DATASET_HELP = ("digits (scikit-learn's bundled 8x8 digits, embedded), mnist (IDX files, "
                 "raw or .gz, torchvision names), cifar10 (cifar-10-batches-py), npz (your "
@@ -48,13 +49,6 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -138,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C&W iterations per binary-search step (default: 10000)")
     r.add_argument("--cw-search", type=_positive_int, default=None,
                    help="C&W binary-search steps (default: 9)")
-    r.add_argument("--cw-c-init", type=_positive_float, default=None,
+    r.add_argument("--cw-c-init", type=_fp32_scale, default=None,
                    help="C&W initial c of the binary search (default: 1e-3, the paper's; "
                         "with few steps per search step, 1 wastes fewer of them)")
     r.add_argument("--wb-steps", type=_positive_int, default=None,
@@ -172,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network (default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=20_000,
                    help="training steps (default: %(default)s)")
-    t.add_argument("--temperature", type=float, default=1.0, help="RCE temperature T > 0")
+    t.add_argument("--temperature", type=_temperature, default=1.0, help="RCE temperature T > 0")
     t.add_argument("--out", required=True, help="checkpoint path (.pt)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     t.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -200,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "10000)")
     a.add_argument("--cw-search", type=_positive_int, default=9,
                    help="C&W binary-search steps (default: %(default)s)")
-    a.add_argument("--cw-c-init", type=_positive_float, default=1e-3,
+    a.add_argument("--cw-c-init", type=_fp32_scale, default=1e-3,
                    help="C&W initial c (default: %(default)s); cw-wb uses the release's "
                         "10 (stage 1, at most 3 search steps) and 100 (stage 2)")
-    a.add_argument("--gamma", type=float, default=0.1, help="JSMA max fraction changed")
+    a.add_argument("--gamma", type=_fraction, default=0.1, help="JSMA max fraction changed")
     a.add_argument("--out", required=True, help="output .pt with x_adv, labels, info")
     a.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     a.add_argument("--seed", type=_seed, default=0, help="seed (default: %(default)s)")
@@ -219,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="dataset folder (or .npz file)")
     e.add_argument("--adversarial", nargs="*", default=[],
                    help=".pt files written by `rce-fast attack`")
-    e.add_argument("--sigma2", type=float, default=None,
+    e.add_argument("--sigma2", type=_fp32_scale, default=None,
                    help="K-density width (default: the paper's for the objective)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     e.add_argument("--json", default=None, help="also write the results to this file")
@@ -349,6 +343,10 @@ def _run(args, budget) -> int:
     del state  # the weights are in the model; the optimizer state is not needed
     if args.command == "attack":
         from . import attacks as A
+        if args.n > len(x_te):  # the file records how many were attacked
+            print(f"note: --n {args.n} is more than the {len(x_te)} test images: attacking "
+                  f"all {len(x_te)}", file=sys.stderr)
+            args.n = len(x_te)
         x, y = x_te[:args.n].to(device), y_te[:args.n]
         if args.attack in _cli_detect.ADAPTIVE_ATTACKS:
             return _cli_detect.run_attack(args, model, x, y, device, note)

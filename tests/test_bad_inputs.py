@@ -447,6 +447,9 @@ def _cases():
     add("cw_l2-kappa-neg", lambda: cw(kappa=-1.0), ValueError, "kappa")
     add("cw_l2-kappa-nan", lambda: cw(kappa=NAN), ValueError, "kappa")
     add("cw_l2-c-init-0", lambda: cw(c_init=0.0), ValueError, "c_init")
+    # float32 c: 1e-50 became 0 (no attack term), 1e39 failed inside torch
+    add("cw_l2-c-init-underflow", lambda: cw(c_init=1e-50), ValueError, "c_init must lie")
+    add("cw_l2-c-init-overflow", lambda: cw(c_init=1e39), ValueError, "c_init must lie")
     add("cw_l2-lr-0", lambda: cw(lr=0.0), ValueError, "lr")
     add("cw_l2-lr-inf", lambda: cw(lr=INF), ValueError, "lr")
     add("cw_l2-search-0", lambda: cw(binary_search_steps=0), ValueError, "binary_search_steps")

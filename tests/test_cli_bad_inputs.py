@@ -131,7 +131,7 @@ for _cmd in ("train", "attack", "fit-detector", "detect", "attack-pgd"):
     CASES.append((_cmd, "--out", "a_file/x.pt", "a_file"))      # under a file
     CASES.append((_cmd, "--out", ".", str(".")))                  # a folder
     CASES.append((_cmd, "--out", LONG, "nnnn"))                   # the OS refuses the name
-    for _dev in ("foo", "cuda:7", "meta"):
+    for _dev in ("foo", "cuda:7", "meta", "mps"):   # mps: not in this PyTorch build
         CASES.append((_cmd, "--device", _dev, "--device"))
 CASES += [("evaluate", "--json", "a_file/r.json", "a_file"),
           ("evaluate", "--json", LONG, "nnnn"),
@@ -140,8 +140,6 @@ CASES += [("evaluate", "--json", "a_file/r.json", "a_file"),
           ("train", "--data-dir", "missing.npz", "missing.npz"),
           ("train", "--data-dir", "garbage.pt", "garbage.pt"),
           ("train", "--data-dir", "bad.npz", "bad.npz"),
-          ("train", "--temperature", "0", "temperature"),
-          ("attack", "--gamma", "2", "gamma"),
           ("fit-detector", "--data-dir", "missing.npz", "missing.npz")]
 for _cmd in ("attack", "evaluate", "fit-detector", "attack-pgd"):  # not its training data
     CASES.append((_cmd, "--data-dir", "big_images.npz", "(1, 16, 16)"))
@@ -264,6 +262,16 @@ def test_same_shaped_other_data_gets_one_warning(files, capsys, command, tmp_pat
     (["nope"], "invalid choice"),
     ([], "required"),
     (["fit-detector", "--checkpoint", "c", "--out", "o", "--seed", str(2 ** 64)], "--seed"),
+    # float32 scales and fractions checked at parse time, naming the option
+    (["attack", "--checkpoint", "c.pt", "--attack", "cw", "--out", "o.pt", "--cw-c-init",
+      "1e39"], "argument --cw-c-init: must be in [2**-126, 3.4e38]"),
+    (["attack", "--checkpoint", "c.pt", "--attack", "cw", "--out", "o.pt", "--cw-c-init",
+      "1e-50"], "argument --cw-c-init"),
+    (["attack", "--checkpoint", "c.pt", "--attack", "jsma", "--out", "o.pt", "--gamma", "2"],
+     "argument --gamma: must be in (0, 1]"),
+    (["train", "--out", "x.pt", "--temperature", "0"], "argument --temperature"),
+    (["evaluate", "--checkpoint", "c", "--sigma2", "1e-300"], "argument --sigma2"),
+    (["fit-detector", "--checkpoint", "c", "--out", "o", "--sigma2", "nan"], "--sigma2"),
     (["fit-detector", "--checkpoint", "c", "--out", "o", "--seed", "-1"], "[0, 2**63 - 1)"),
     (["train", "--out", "x.pt", "--seed", str(2 ** 63 - 1)], "--seed"),
     (["attack", "--checkpoint", "c.pt", "--attack", "fgsm", "--out", "o.pt", "--seed", "-3"],

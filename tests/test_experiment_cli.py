@@ -259,7 +259,7 @@ def test_help_explains_every_command():
     (["reproduce", "--dataset", "svhn", "--data-dir", "x"], "invalid choice"),
     (["reproduce", "--dataset", "mnist"], "--data-dir"),
     (["reproduce", "--dataset", "mnist", "--data-dir", "x", "--cw-c-init", "0"],
-     "must be a finite number > 0"),
+     "argument --cw-c-init: must be in [2**-126, 3.4e38]"),
     (["attack", "--checkpoint", "c.pt", "--attack", "fgsm", "--out", "o.pt", "--eps", "-1"],
      "must be a finite number >= 0"),
 ])
@@ -294,6 +294,17 @@ def test_train_attack_evaluate_round_trip(tmp_path, capsys):
                  "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert 0 <= result["test_error"] <= 100 and str(adv) in result["attacks"]
+    # --n past the test set attacks all of it, and the file says so: evaluate reads it
+    everything = tmp_path / "all.pt"
+    assert main(["attack", "--checkpoint", str(ckpt), "--attack", "fgsm", "--n", "100000",
+                 "--out", str(everything)]) == 0
+    captured = capsys.readouterr()
+    assert "--n 100000 is more than the 540 test images" in captured.err
+    assert "fgsm: 540 examples" in captured.out
+    saved = torch.load(everything, weights_only=False)
+    assert saved["n"] == 540 and saved["x_adv"].shape == (540, 1, 8, 8)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--adversarial",
+                 str(everything)]) == 0
 
 
 def test_training_under_torchrun_ddp(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._args import FP32_MAX, FP32_TINY
 from ..resume import pack_like, unpack_like
 from . import _cw_fused
 from ._common import (AttackInfo, check_clip, check_images, check_int, check_positive,
@@ -369,7 +370,11 @@ def _check_cw_args(x, kappa, c_init, binary_search_steps, max_iterations, lr, cl
     check_images(x)
     lo, hi = check_clip(clip)
     check_positive(kappa, "kappa", allow_zero=True)
-    check_positive(c_init, "c_init")
+    c_init = check_positive(c_init, "c_init")
+    if not FP32_TINY <= c_init <= FP32_MAX:  # c is float32: 1e-50 became 0 (no attack
+        # term at all, and 0 * 10 stays 0), 1e39 failed deep in torch
+        raise ValueError(f"c_init must lie in [2**-126, 3.4e38] (c is float32), got "
+                         f"{c_init}")
     check_positive(lr, "lr")
     return (lo, hi, check_int(binary_search_steps, "binary_search_steps", 1),
             check_int(max_iterations, "max_iterations", 1))
